@@ -1,0 +1,133 @@
+"""`edge-agent detect`: a small LFV client — one JSON result per image, optional overlay PNG."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import mmap
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+from PIL import Image
+
+from .config import DEFAULT_SOCKET
+from .grpc._generated import edge_agent_pb2 as pb
+from .grpc._generated import edge_agent_pb2_grpc as pb_grpc
+from .image import SHM_DIR
+
+
+@contextmanager
+def shm_segment(name: str, size: int) -> Iterator[mmap.mmap]:
+    """A client-owned POSIX shm segment (created, mapped, unlinked on exit) — what LFV clients do."""
+    path = os.path.join(SHM_DIR, name.lstrip("/"))
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o660)
+    try:
+        os.ftruncate(fd, size)
+        mm = mmap.mmap(fd, size)
+    finally:
+        os.close(fd)
+    try:
+        yield mm
+    finally:
+        mm.close()
+        os.unlink(path)
+
+
+def channel(socket_uri: str) -> grpc.Channel:
+    return grpc.insecure_channel(socket_uri, options=[("grpc.max_receive_message_length", 64 * 1024 * 1024 + 4096),
+                                                      ("grpc.max_send_message_length", 64 * 1024 * 1024 + 4096)])
+
+
+def detect(stub: pb_grpc.EdgeAgentStub, model: str, image: np.ndarray, use_shm: bool, timeout: float = 60.0) \
+        -> tuple[pb.DetectAnomalyResult, np.ndarray | None]:
+    """Send one HxWx3 RGB image; returns the result and the mask (HxWx3) if the model made one."""
+    height, width = image.shape[:2]
+    data = np.ascontiguousarray(image, dtype=np.uint8)
+    if not use_shm:
+        request = pb.DetectAnomaliesRequest(model_component=model, bitmap=pb.Bitmap(
+            width=width, height=height, byte_data=data.tobytes()))
+        result = stub.DetectAnomalies(request, timeout=timeout).detect_anomaly_result
+        mask = None
+        if result.anomaly_mask.byte_data:
+            mask = np.frombuffer(result.anomaly_mask.byte_data, np.uint8).reshape(
+                result.anomaly_mask.height, result.anomaly_mask.width, 3)
+        return result, mask
+    base = f"/edge-agent-detect-{os.getpid()}"
+    with shm_segment(base + "-in", data.nbytes) as frame, shm_segment(base + "-mask", data.nbytes) as mask_mm:
+        frame[:] = data.tobytes()
+        request = pb.DetectAnomaliesRequest(
+            model_component=model,
+            bitmap=pb.Bitmap(width=width, height=height, shared_memory_handle=pb.SharedMemoryHandle(
+                name=base + "-in", size=data.nbytes, offset=0)),
+            anomaly_mask_params=pb.AnomalyMaskParams(shared_memory_handle=pb.SharedMemoryHandle(
+                name=base + "-mask", size=data.nbytes, offset=0)))
+        result = stub.DetectAnomalies(request, timeout=timeout).detect_anomaly_result
+        mask = None
+        if result.anomaly_mask.HasField("shared_memory_handle"):
+            mask = np.frombuffer(mask_mm, np.uint8, count=data.nbytes).reshape(height, width, 3).copy()
+        return result, mask
+
+
+def result_json(path: str, result: pb.DetectAnomalyResult) -> dict[str, Any]:
+    return {
+        "image": path,
+        "is_anomalous": result.is_anomalous,
+        "confidence": round(result.confidence, 6),
+        "anomaly_score": round(result.anomaly_score, 6),
+        "anomaly_threshold": round(result.anomaly_threshold, 6),
+        "anomalies": [{"name": a.name, "hex_color": a.pixel_anomaly.hex_color,
+                       "total_percentage_area": round(a.pixel_anomaly.total_percentage_area, 6)}
+                      for a in result.anomalies],
+    }
+
+
+def overlay(image: np.ndarray, mask: np.ndarray | None, alpha: float = 0.55) -> Image.Image:
+    """The image with non-background mask pixels tinted in their class colour (white = background)."""
+    if mask is None:
+        return Image.fromarray(image)
+    blended = image.astype(np.float32)
+    hit = np.any(mask != 255, axis=2)
+    blended[hit] = (1 - alpha) * blended[hit] + alpha * mask[hit].astype(np.float32)
+    return Image.fromarray(blended.clip(0, 255).astype(np.uint8))
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("detect", help="run DetectAnomalies on image files and print JSON results")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--model", required=True, help="model component name")
+    p.add_argument("--socket", default=DEFAULT_SOCKET, help=f"agent socket URI (default {DEFAULT_SOCKET})")
+    p.add_argument("--shm", action="store_true", help="send frames (and get masks) through shared memory")
+    p.add_argument("--overlay", type=Path, help="write the image with the mask drawn over it (PNG); with "
+                   "several images, one file per image named OUT-<image>.png")
+    p.add_argument("--timeout", type=float, default=60.0)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    failures = 0
+    with channel(args.socket) as ch:
+        stub = pb_grpc.EdgeAgentStub(ch)
+        for path in args.images:
+            try:
+                image = np.asarray(Image.open(path).convert("RGB"))
+                result, mask = detect(stub, args.model, image, args.shm, args.timeout)
+            except grpc.RpcError as exc:
+                print(f"{path}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+                failures += 1
+                continue
+            except OSError as exc:
+                print(f"{path}: cannot read image: {exc}", file=sys.stderr)
+                failures += 1
+                continue
+            print(json.dumps(result_json(path, result)))
+            if args.overlay:
+                out = args.overlay if len(args.images) == 1 else args.overlay.with_name(
+                    f"{args.overlay.stem}-{Path(path).stem}.png")
+                overlay(image, mask).save(out)
+    return 1 if failures else 0

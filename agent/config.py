@@ -1,0 +1,254 @@
+"""The agent's configuration: one typed object, declared once.
+
+Each field of AgentConfig declares its Greengrass configuration key (PascalCase, as in the
+component recipe), and from that its command-line flag (--kebab-case) and environment variable
+(EDGE_AGENT_UPPER_SNAKE) are derived. Standalone mode reads CLI and environment; under
+Greengrass the same keys come from the component configuration (agent/greengrass).
+Precedence, lowest first: defaults, Greengrass configuration, environment, command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+DEFAULT_SOCKET = "unix:///tmp/aws.iot.lookoutvision.EdgeAgent.sock"
+PROVIDER_NAMES = ("tensorrt", "cuda", "cpu")
+ENV_PREFIX = "EDGE_AGENT_"
+
+
+def _parse_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
+def _parse_int(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"expected an integer, got {value!r}")
+    if isinstance(value, float) and value.is_integer():  # Greengrass JSON numbers arrive as floats
+        return int(value)
+    return int(str(value).strip())
+
+
+def _parse_mode(value: Any) -> int:
+    mode = int(str(value), 8) if not isinstance(value, int) else value
+    if mode & 0o007:
+        raise ValueError(f"socket mode {oct(mode)} would give other users access; use owner/group bits only")
+    return mode
+
+
+def _parse_list(value: Any) -> tuple[str, ...]:
+    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    return tuple(str(i).strip() for i in items if str(i).strip())
+
+
+def _parse_providers(value: Any) -> tuple[str, ...]:
+    names = tuple(n.lower() for n in _parse_list(value))
+    if not names:
+        raise ValueError("at least one execution provider is needed")
+    if names == ("auto",):
+        return names
+    unknown = [n for n in names if n not in PROVIDER_NAMES]
+    if unknown:
+        raise ValueError(f"unknown execution provider(s) {unknown}; choose from {list(PROVIDER_NAMES)} or 'auto'")
+    return names
+
+
+def _parse_socket(value: Any) -> str:
+    text = str(value).strip()
+    if not text.startswith("unix://") or len(text) <= len("unix://"):
+        raise ValueError(f"socket must be a unix:// URI, got {text!r}")
+    path = text[len("unix://"):]
+    if not path.startswith("/"):
+        raise ValueError(f"socket path must be absolute, got {path!r}")
+    if len(path.encode()) > 107:
+        raise ValueError(f"socket path is {len(path.encode())} bytes; Unix sockets allow at most 107")
+    return text
+
+
+def _parse_hostport(value: Any) -> str:
+    text = str(value).strip()
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected HOST:PORT, got {text!r}")
+    return text if host else f"127.0.0.1:{port}"
+
+
+def _parse_positive_float(value: Any) -> float:
+    number = float(value)
+    if number <= 0:
+        raise ValueError(f"must be > 0, got {value!r}")
+    return number
+
+
+def _parse_log_format(value: Any) -> str:
+    text = str(value).strip().lower()
+    if text not in ("plain", "json"):
+        raise ValueError(f"log format must be plain or json, got {value!r}")
+    return text
+
+
+def _parse_log_level(value: Any) -> str:
+    text = str(value).strip().upper()
+    if text not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ValueError(f"unknown log level {value!r}")
+    return text
+
+
+def _non_negative(parse: Callable[[Any], int]) -> Callable[[Any], int]:
+    def check(value: Any) -> int:
+        number = parse(value)
+        if number < 0:
+            raise ValueError(f"must be >= 0, got {value!r}")
+        return number
+
+    return check
+
+
+def _at_least_one(value: Any) -> int:
+    number = _parse_int(value)
+    if number < 1:
+        raise ValueError(f"must be >= 1, got {value!r}")
+    return number
+
+
+def _snake(key: str) -> str:
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", key).lower()
+
+
+def _setting(
+    default: Any, key: str, help: str, parse: Callable[[Any], Any] = str, *, restart: bool = True, flag: str = ""
+) -> Any:
+    """Declare a configuration field.
+
+    `restart` says whether a live change needs an agent restart; `flag` overrides the derived CLI flag.
+    """
+    meta = {"key": key, "help": help, "parse": parse, "restart": restart,
+            "flag": flag or "--" + _snake(key).replace("_", "-")}
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("use immutable defaults")
+    return field(default=default, metadata=meta)
+
+
+def default_work_dir() -> str:
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return str(Path(state) / "edge-agent")
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    socket: str = _setting(DEFAULT_SOCKET, "Socket", "gRPC Unix socket URI the agent serves on", _parse_socket)
+    socket_mode: int = _setting(0o660, "SocketMode", "permission bits of the socket file (octal, never world)",
+                                _parse_mode)
+    socket_group: str = _setting("", "SocketGroup", "group that owns the socket file (e.g. ggc_group); empty = "
+                                 "the agent's own group")
+    tcp: str = _setting("", "TcpListener", "optional extra TCP listener HOST:PORT (host defaults to 127.0.0.1)",
+                        lambda v: _parse_hostport(v) if str(v).strip() else "", flag="--tcp")
+    models_dir: str = _setting("", "ModelsDir", "standalone mode: directory whose sub-directories are model "
+                               "packages, rescanned while running")
+    work_dir: str = _setting(default_work_dir(), "WorkDir", "writable directory for TensorRT engine caches and "
+                             "agent state")
+    execution_providers: tuple[str, ...] = _setting(
+        ("auto",), "ExecutionProviders", "ONNX Runtime execution providers in preference order "
+        "(tensorrt,cuda,cpu) or auto (the package's choice, else every available one)", _parse_providers,
+        restart=False)
+    require_accelerator: bool = _setting(False, "RequireAccelerator", "fail a model instead of running it on "
+                                         "the CPU when no GPU provider could be used", _parse_bool, restart=False)
+    intra_op_threads: int = _setting(0, "IntraOpThreads", "ONNX Runtime intra-op threads per model (0 = "
+                                     "runtime default)", _non_negative(_parse_int), restart=False)
+    inter_op_threads: int = _setting(0, "InterOpThreads", "ONNX Runtime inter-op threads per model (0 = "
+                                     "runtime default)", _non_negative(_parse_int), restart=False)
+    max_concurrency: int = _setting(2, "MaxConcurrentInferences", "inferences one model runs in parallel",
+                                    _at_least_one, restart=False)
+    max_queue: int = _setting(16, "MaxQueuedRequests", "requests per model allowed to wait for a slot; more "
+                              "get RESOURCE_EXHAUSTED", _non_negative(_parse_int), restart=False)
+    warmup_runs: int = _setting(3, "WarmupRuns", "inferences on generated images before a model is RUNNING",
+                                _non_negative(_parse_int), restart=False)
+    autostart: tuple[str, ...] = _setting((), "Autostart", "models started as soon as they are known "
+                                          "(comma list, * = all), besides packages that say autostart",
+                                          _parse_list, restart=False)
+    scan_interval_s: float = _setting(1.0, "ModelScanIntervalSeconds", "how often model packages are "
+                                      "rescanned", _parse_positive_float, restart=False)
+    stop_timeout_s: float = _setting(30.0, "StopTimeoutSeconds", "how long StopModel and shutdown wait for "
+                                     "in-flight requests", _parse_positive_float, restart=False)
+    grpc_workers: int = _setting(16, "GrpcWorkers", "gRPC server worker threads", _at_least_one)
+    max_message_bytes: int = _setting(64 * 1024 * 1024 + 4096, "MaxMessageBytes", "largest gRPC message "
+                                      "accepted or sent (a 4096x4096 RGB image is 48 MiB)", _at_least_one)
+    log_level: str = _setting("INFO", "LogLevel", "DEBUG, INFO, WARNING or ERROR", _parse_log_level,
+                              restart=False)
+    log_format: str = _setting("plain", "LogFormat", "plain or json", _parse_log_format)
+
+    @property
+    def socket_path(self) -> str:
+        return self.socket[len("unix://"):]
+
+    def replace(self, **changes: Any) -> AgentConfig:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_sources(
+        cls,
+        *,
+        greengrass: Mapping[str, Any] | None = None,
+        env: Mapping[str, str] | None = None,
+        cli: Mapping[str, Any] | None = None,
+    ) -> AgentConfig:
+        """Build the config from Greengrass keys, EDGE_AGENT_* variables and parsed CLI options.
+
+        Unknown Greengrass keys are ignored (recipes carry keys of other tools, e.g. accessControl);
+        an invalid value raises ConfigError naming the key and what is wrong.
+        """
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            key = f.metadata["key"]
+            for source, name in (
+                (greengrass, key),
+                (env, ENV_PREFIX + _snake(key).upper()),
+                (cli, f.name),
+            ):
+                if source is not None and source.get(name) is not None:
+                    raw = source[name]
+                    try:
+                        values[f.name] = f.metadata["parse"](raw)
+                    except (ValueError, TypeError) as exc:
+                        raise ConfigError(f"invalid {key} ({name}={raw!r}): {exc}") from exc
+        return cls(**values)
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """Add one --flag per field; defaults stay None so from_sources knows what was given."""
+        for f in dataclasses.fields(cls):
+            flag = f.metadata["flag"]
+            if f.type in ("bool", bool):
+                parser.add_argument(flag, dest=f.name, action="store_const", const=True, default=None,
+                                    help=f"{f.metadata['help']}")
+            else:
+                parser.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(),
+                                    help=f"{f.metadata['help']} (default: {_show(f.default)})")
+
+    @classmethod
+    def keys(cls) -> dict[str, dataclasses.Field[Any]]:
+        """Greengrass key → field, for validation and docs."""
+        return {f.metadata["key"]: f for f in dataclasses.fields(cls)}
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, tuple):
+        return ",".join(value) or "none"
+    if isinstance(value, int) and not isinstance(value, bool) and value == 0o660:
+        return "0660"
+    return str(value) if value != "" else "unset"

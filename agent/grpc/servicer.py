@@ -1,0 +1,122 @@
+"""A thin servicer: protobuf ⇄ core dataclasses, AgentError → gRPC status. No logic of its own."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from ..errors import AgentError, InvalidInput
+from ..image import ShmHandle
+from ..inference import DetectRequest, InferenceService
+from ..pipeline import Detection
+from ..registry import ModelInfo, ModelRegistry
+from ._generated import edge_agent_pb2 as pb
+from ._generated import edge_agent_pb2_grpc as pb_grpc
+from .status import grpc_status
+
+log = logging.getLogger(__name__)
+Handler = TypeVar("Handler", bound=Callable[..., Any])
+
+
+def _rpc(method: Handler) -> Handler:
+    """Map AgentError to its status; anything unexpected becomes INTERNAL and is logged, never a crash."""
+
+    @functools.wraps(method)
+    def wrapper(self: EdgeAgentServicer, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return method(self, request, context)
+        except AgentError as exc:
+            context.abort(grpc_status(exc.code), exc.message)
+        except Exception as exc:
+            log.exception("%s failed", method.__name__)
+            context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method.__name__}: {type(exc).__name__}")
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _handle(msg: pb.SharedMemoryHandle, what: str) -> ShmHandle:
+    if not msg.name:
+        raise InvalidInput(f"{what} shared_memory_handle has no name")
+    return ShmHandle(msg.name, int(msg.size), int(msg.offset))
+
+
+def to_request(request: pb.DetectAnomaliesRequest) -> DetectRequest:
+    bitmap = request.bitmap
+    data = shm = mask_shm = None
+    which = bitmap.WhichOneof("data")
+    if which == "byte_data":
+        data = bitmap.byte_data
+    elif which == "shared_memory_handle":
+        shm = _handle(bitmap.shared_memory_handle, "bitmap")
+    params = request.anomaly_mask_params
+    if params.HasField("shared_memory_handle"):
+        mask_shm = _handle(params.shared_memory_handle, "anomaly_mask_params")
+    elif params.HasField("shared_memory_handle_draft"):
+        mask_shm = _handle(params.shared_memory_handle_draft, "anomaly_mask_params")
+    return DetectRequest(request.model_component, bitmap.width, bitmap.height, data, shm, mask_shm)
+
+
+def to_result(detection: Detection, mask_shm: ShmHandle | None) -> pb.DetectAnomalyResult:
+    result = pb.DetectAnomalyResult(
+        is_anomalous=detection.is_anomalous,
+        confidence=detection.confidence,
+        anomaly_score=detection.score,
+        anomaly_threshold=detection.threshold,
+    )
+    if detection.mask is not None:
+        mask = result.anomaly_mask
+        mask.width, mask.height = detection.mask_width, detection.mask_height
+        if mask_shm is not None:
+            mask.shared_memory_handle.name = mask_shm.name
+            mask.shared_memory_handle.size = len(detection.mask)
+            mask.shared_memory_handle.offset = mask_shm.offset
+        else:
+            mask.byte_data = detection.mask
+        for anomaly in detection.anomalies:
+            result.anomalies.add(name=anomaly.name, pixel_anomaly=pb.PixelAnomaly(
+                total_percentage_area=anomaly.area, hex_color=anomaly.color))
+    return result
+
+
+def _metadata(info: ModelInfo, cls: type) -> Any:
+    return cls(model_component=info.name, lookout_vision_model_arn=info.arn, status=int(info.status),
+               status_message=info.status_message)
+
+
+class EdgeAgentServicer(pb_grpc.EdgeAgentServicer):
+    def __init__(self, registry: ModelRegistry, inference: InferenceService) -> None:
+        self.registry = registry
+        self.inference = inference
+
+    @_rpc
+    def DetectAnomalies(self, request: pb.DetectAnomaliesRequest, context: grpc.ServicerContext) -> Any:
+        req = to_request(request)
+        detection = self.inference.detect(req)
+        return pb.DetectAnomaliesResponse(detect_anomaly_result=to_result(detection, req.mask_shm))
+
+    @_rpc
+    def StartModel(self, request: pb.StartModelRequest, context: grpc.ServicerContext) -> Any:
+        return pb.StartModelResponse(status=int(self.registry.start(_name(request.model_component))))
+
+    @_rpc
+    def StopModel(self, request: pb.StopModelRequest, context: grpc.ServicerContext) -> Any:
+        return pb.StopModelResponse(status=int(self.registry.stop(_name(request.model_component))))
+
+    @_rpc
+    def ListModels(self, request: pb.ListModelsRequest, context: grpc.ServicerContext) -> Any:
+        return pb.ListModelsResponse(models=[_metadata(i, pb.ModelMetadata) for i in self.registry.list()])
+
+    @_rpc
+    def DescribeModel(self, request: pb.DescribeModelRequest, context: grpc.ServicerContext) -> Any:
+        info = self.registry.describe(_name(request.model_component))
+        return pb.DescribeModelResponse(model_description=_metadata(info, pb.ModelDescription))
+
+
+def _name(name: str) -> str:
+    if not name:
+        raise InvalidInput("model_component is empty")
+    return name

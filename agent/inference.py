@@ -1,0 +1,75 @@
+"""The DetectAnomalies use case, transport-neutral: request in, Detection out.
+
+Order of checks: the model must exist and be RUNNING, then the bitmap must be valid, then
+the request waits for one of the model's slots, runs, and the mask goes back inline or into
+the caller's shared-memory segment.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from .errors import InvalidInput
+from .image import ShmHandle, as_image, check_size, map_shm, write_shm
+from .pipeline import Clock, Detection
+from .registry import ModelRegistry
+
+
+@dataclass(frozen=True)
+class DetectRequest:
+    model: str
+    width: int
+    height: int
+    data: bytes | None = None
+    shm: ShmHandle | None = None
+    mask_shm: ShmHandle | None = None
+
+
+class DetectObserver(Protocol):
+    """Metrics hook: called once per request that reached a running model."""
+
+    def on_detect(self, model: str, version: str, detection: Detection | None, queue_wait: float,
+                  read_seconds: float, pixels: int) -> None: ...
+
+
+class InferenceService:
+    def __init__(self, registry: ModelRegistry, *, clock: Clock = time.perf_counter,
+                 observer: DetectObserver | None = None) -> None:
+        self.registry = registry
+        self.clock = clock
+        self.observer = observer
+
+    def detect(self, request: DetectRequest) -> Detection:
+        if not request.model:
+            raise InvalidInput("model_component is empty")
+        model = self.registry.running(request.model)
+        if (request.data is None) == (request.shm is None):
+            raise InvalidInput("bitmap has no data: set byte_data or shared_memory_handle")
+        check_size(request.width, request.height)
+        detection: Detection | None = None
+        waited = read = 0.0
+        try:
+            with ExitStack() as stack:
+                t0 = self.clock()
+                if request.shm is not None:
+                    mm, delta = stack.enter_context(map_shm(request.shm))
+                    image = as_image(mm, request.width, request.height, offset=delta, nbytes=request.shm.size)
+                else:
+                    assert request.data is not None
+                    image = as_image(request.data, request.width, request.height)
+                read = self.clock() - t0
+                waited = stack.enter_context(model.gate.slot(self.clock))
+                detection = model.predictor.predict(image)
+                del image  # release the view before the mapping closes
+            if request.mask_shm is not None and detection.mask is not None:
+                write_shm(request.mask_shm, np.frombuffer(detection.mask, dtype=np.uint8))
+            return detection
+        finally:
+            if self.observer is not None:
+                self.observer.on_detect(model.name, model.version, detection, waited, read,
+                                        request.width * request.height)

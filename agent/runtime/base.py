@@ -1,0 +1,39 @@
+"""The runtime contract the inference pipeline depends on (ONNX Runtime today)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from ..model_package import ModelPackage
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int | str, ...]
+    dtype: str
+
+
+class RuntimeSession(Protocol):
+    """One loaded model. predict() must be safe to call from several threads at once."""
+
+    inputs: Sequence[TensorSpec]
+    outputs: Sequence[TensorSpec]
+    #: Execution providers the session really uses, best first (e.g. ["CUDAExecutionProvider", ...]).
+    providers: Sequence[str]
+    #: Human-readable note on provider selection ("" when everything asked for is in use).
+    provider_note: str
+
+    def predict(self, feeds: Mapping[str, np.ndarray], output_names: Sequence[str]) -> list[np.ndarray]: ...
+
+    def unload(self) -> None: ...
+
+
+class ModelRuntime(Protocol):
+    def load(self, package: ModelPackage) -> RuntimeSession:
+        """Create a session for the package; raises ModelLoadError with a readable reason."""
+        ...

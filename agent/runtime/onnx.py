@@ -1,0 +1,134 @@
+"""ONNX Runtime sessions, with execution providers chosen from config + package, and no silent fallback.
+
+onnxruntime-gpu quietly runs on the CPU when CUDA/TensorRT libraries are missing
+(microsoft/onnxruntime#17801, #23372). After creating a session we compare the providers it really
+uses with those requested, say so in the model's status message, and with RequireAccelerator fail
+the load instead.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import ModelLoadError
+from ..model_package import ModelPackage
+from .base import TensorSpec
+
+log = logging.getLogger(__name__)
+
+ORT_NAMES = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
+ACCELERATORS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+_OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
+               "all": "ORT_ENABLE_ALL"}
+
+
+@dataclass(frozen=True)
+class OnnxRuntimeOptions:
+    providers: tuple[str, ...] = ("auto",)
+    require_accelerator: bool = False
+    intra_op_threads: int = 0
+    inter_op_threads: int = 0
+    cache_dir: Path | None = None
+
+
+class OnnxSession:
+    """A loaded onnxruntime.InferenceSession; InferenceSession.run is thread-safe and drops the GIL."""
+
+    def __init__(self, session: Any, provider_note: str) -> None:
+        self._session = session
+        self.inputs = [TensorSpec(i.name, tuple(i.shape), i.type) for i in session.get_inputs()]
+        self.outputs = [TensorSpec(o.name, tuple(o.shape), o.type) for o in session.get_outputs()]
+        self.providers: list[str] = list(session.get_providers())
+        self.provider_note = provider_note
+
+    def predict(self, feeds: Mapping[str, np.ndarray], output_names: Sequence[str]) -> list[np.ndarray]:
+        session = self._session
+        if session is None:
+            raise RuntimeError("session was unloaded")
+        return list(session.run(list(output_names), dict(feeds)))
+
+    def unload(self) -> None:
+        # Dropping the last reference frees the native session (and its GPU memory).
+        self._session = None
+
+
+class OnnxRuntime:
+    """ModelRuntime over onnxruntime."""
+
+    def __init__(self, options: OnnxRuntimeOptions) -> None:
+        self.options = options
+
+    def requested_providers(self, package: ModelPackage) -> list[str]:
+        """Provider names to ask for, best first: config, else the package's choice, else all available."""
+        import onnxruntime as ort
+
+        available = ort.get_available_providers()
+        wanted = self.options.providers
+        if wanted == ("auto",):
+            wanted = package.execution.providers or ("tensorrt", "cuda", "cpu")
+            names = [ORT_NAMES[p] for p in wanted if p in ORT_NAMES and ORT_NAMES[p] in available]
+        else:
+            names = [ORT_NAMES[p] for p in wanted]
+        if "CPUExecutionProvider" not in names and not self.options.require_accelerator:
+            names.append("CPUExecutionProvider")
+        return names
+
+    def _provider_options(self, name: str, package: ModelPackage) -> dict[str, Any]:
+        if name == "TensorrtExecutionProvider":
+            opts: dict[str, Any] = {"trt_fp16_enable": package.execution.trt_fp16}
+            if self.options.cache_dir is not None:
+                # Engines are tied to model, TensorRT version and GPU: key the cache by package fingerprint.
+                cache = self.options.cache_dir / "tensorrt" / package.name / package.fingerprint
+                cache.mkdir(parents=True, exist_ok=True)
+                opts.update(trt_engine_cache_enable=True, trt_engine_cache_path=str(cache),
+                            trt_timing_cache_enable=True, trt_timing_cache_path=str(cache))
+            return opts
+        if name == "CUDAExecutionProvider":
+            return {"device_id": 0}
+        return {}
+
+    def load(self, package: ModelPackage) -> OnnxSession:
+        import onnxruntime as ort
+
+        requested = self.requested_providers(package)
+        so = ort.SessionOptions()
+        so.graph_optimization_level = getattr(
+            ort.GraphOptimizationLevel, _OPT_LEVELS.get(package.execution.graph_optimization, "ORT_ENABLE_ALL"))
+        so.intra_op_num_threads = self.options.intra_op_threads
+        so.inter_op_num_threads = self.options.inter_op_threads
+        so.log_severity_level = 3
+        providers = [(n, self._provider_options(n, package)) for n in requested]
+        try:
+            session = ort.InferenceSession(str(package.model_file), sess_options=so, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
+            raise ModelLoadError(f"ONNX Runtime could not load {package.model_file.name}: {_first_line(exc)}") \
+                from exc
+        used = list(session.get_providers())
+        note = self._check_providers(package, requested, used)
+        return OnnxSession(session, note)
+
+    def _check_providers(self, package: ModelPackage, requested: list[str], used: list[str]) -> str:
+        missing = [p for p in requested if p not in used]
+        wanted_gpu = [p for p in requested if p in ACCELERATORS]
+        on_gpu = [p for p in used if p in ACCELERATORS]
+        if self.options.require_accelerator and not on_gpu:
+            why = f"requested {wanted_gpu or 'no GPU provider'}, session uses {used}"
+            raise ModelLoadError(f"RequireAccelerator is set but no GPU execution provider could be used ({why}); "
+                                 "check the CUDA/cuDNN/TensorRT libraries and that the agent's user may use the GPU")
+        if missing:
+            note = f"running on {used[0]}; requested {requested} but {missing} could not be used (CPU fallback)" \
+                if not on_gpu else f"running on {used[0]}; {missing} could not be used"
+            log.warning("model %s: %s", package.name, note)
+            return note
+        return f"running on {used[0]}"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
