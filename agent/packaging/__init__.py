@@ -1,0 +1,32 @@
+"""Model packaging: Lookout for Vision's StartModelPackagingJob, offline, producing Greengrass
+model components from models in a local registry. Depends on the agent core, never the reverse.
+See docs/packaging.md."""
+
+from .api import Client, PackagingSettings
+from .errors import (
+    AccessDeniedException,
+    ConflictException,
+    InternalServerException,
+    LookoutVisionError,
+    ResourceNotFoundException,
+    ServiceQuotaExceededException,
+    ThrottlingException,
+    ValidationException,
+)
+from .recipe import model_component_recipe, render_json, render_yaml
+
+__all__ = [
+    "Client",
+    "PackagingSettings",
+    "LookoutVisionError",
+    "AccessDeniedException",
+    "ConflictException",
+    "InternalServerException",
+    "ResourceNotFoundException",
+    "ServiceQuotaExceededException",
+    "ThrottlingException",
+    "ValidationException",
+    "model_component_recipe",
+    "render_json",
+    "render_yaml",
+]
