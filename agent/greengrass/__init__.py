@@ -1,0 +1,32 @@
+"""Running as the Greengrass v2 component com.edgeagent.EdgeAgent (docs/greengrass.md).
+
+Depends on the core; the core never imports this package. agent/cli.py (the composition root)
+wires it in when `detect()` finds the nucleus' environment.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+COMPONENT_NAME = "com.edgeagent.EdgeAgent"
+SVCUID_ENV = "SVCUID"
+SOCKET_ENV = "AWS_GG_NUCLEUS_DOMAIN_SOCKET_FILEPATH_FOR_COMPONENT"
+
+
+@dataclass(frozen=True)
+class GreengrassEnvironment:
+    """What the nucleus gives a component process: its IPC token and socket, and its work dir (cwd)."""
+
+    svcuid: str
+    socket_path: str
+    work_path: Path
+
+
+def detect(environ: Mapping[str, str], cwd: Path) -> GreengrassEnvironment | None:
+    """The Greengrass environment if this process was started by the nucleus (both variables set)."""
+    svcuid, socket_path = environ.get(SVCUID_ENV, ""), environ.get(SOCKET_ENV, "")
+    if not svcuid or not socket_path:
+        return None
+    return GreengrassEnvironment(svcuid, socket_path, cwd)
