@@ -1,0 +1,13 @@
+"""Run the benchmark (same as `edge-agent bench`); see agent/bench.py and docs/benchmarks.md."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from agent.bench import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())
