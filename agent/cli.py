@@ -10,19 +10,40 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import __version__, client
+from . import __version__, bench, client, status
 from .config import AgentConfig
 from .errors import AgentError
 from .logs import configure
 
 
 def _serve(args: argparse.Namespace) -> int:
-    config = AgentConfig.from_sources(env=os.environ, cli=vars(args))
+    from .greengrass import detect
+
+    # Started by the Greengrass nucleus (SVCUID + IPC socket in the environment): configuration and
+    # deployments come over IPC, models from model components (docs/greengrass.md).
+    gg = detect(os.environ, Path.cwd())
+    component = running = None
+    if gg is None:
+        config = AgentConfig.from_sources(env=os.environ, cli=vars(args))
+    else:
+        from .greengrass.component import ConfigSource, GreengrassComponent
+        from .greengrass.ipc import aws_session_factory
+
+        component = GreengrassComponent(aws_session_factory(gg.socket_path, gg.svcuid),
+                                        ConfigSource(gg.work_path, os.environ, vars(args)))
+        config = component.initial_config()
     configure(config.log_level, config.log_format)
     from .server import Agent
 
-    agent = Agent(config)
+    agent = Agent(config, component_models=gg is not None)
+    if component is not None:
+        from .greengrass.running import STATE_FILE, RunningModels
+
+        running = RunningModels(Path(config.work_dir) / STATE_FILE, agent.registry, component.component_autostart)
+        agent.registry.add_listener(running)
     agent.start()
+    if component is not None:
+        component.attach(agent)
 
     def handle(signum: int, _frame: Any) -> None:
         # Greengrass stops components with SIGTERM: drain in-flight requests, then exit 0.
@@ -34,6 +55,10 @@ def _serve(args: argparse.Namespace) -> int:
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+        if running is not None:
+            running.freeze()  # stopping the models on the way out is not a StopModel
+        if component is not None:
+            component.stop()
         agent.stop()
     return 0
 
@@ -87,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     build.set_defaults(func=_model_build)
 
     client.register(sub)
+    bench.register(sub)
+    status.register(sub)
+    from .packaging import cli as packaging_cli  # registry, model packaging jobs, deploy (docs/packaging.md)
+
+    packaging_cli.register(sub)
     return parser
 
 

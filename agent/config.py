@@ -21,6 +21,8 @@ from typing import Any
 from .errors import ConfigError
 
 DEFAULT_SOCKET = "unix:///tmp/aws.iot.lookoutvision.EdgeAgent.sock"
+#: Triton's metrics port, so dashboards and firewall rules written for Triton carry over.
+DEFAULT_METRICS_PORT = 8002
 PROVIDER_NAMES = ("tensorrt", "cuda", "cpu")
 ENV_PREFIX = "EDGE_AGENT_"
 
@@ -41,7 +43,15 @@ def _parse_int(value: Any) -> int:
         raise ValueError(f"expected an integer, got {value!r}")
     if isinstance(value, float) and value.is_integer():  # Greengrass JSON numbers arrive as floats
         return int(value)
-    return int(str(value).strip())
+    text = str(value).strip()
+    try:
+        return int(text)
+    except ValueError:
+        # ...and as "16.0" or "6.711296E7" (Java's Double.toString) once a recipe interpolates them into Setenv
+        number = float(text)
+        if not number.is_integer():
+            raise
+        return int(number)
 
 
 def _parse_mode(value: Any) -> int:
@@ -95,10 +105,31 @@ def _parse_positive_float(value: Any) -> float:
     return number
 
 
+def _parse_non_negative_float(value: Any) -> float:
+    number = float(value)
+    if not number >= 0:  # also refuses NaN
+        raise ValueError(f"must be >= 0, got {value!r}")
+    return number
+
+
 def _parse_log_format(value: Any) -> str:
     text = str(value).strip().lower()
     if text not in ("plain", "json"):
         raise ValueError(f"log format must be plain or json, got {value!r}")
+    return text
+
+
+def _parse_metrics_port(value: Any) -> int:
+    port = _parse_int(value)
+    if not -1 <= port <= 65535:
+        raise ValueError(f"expected a port 0..65535, or -1 for no metrics endpoint, got {value!r}")
+    return port
+
+
+def _parse_address(value: Any) -> str:
+    text = str(value).strip().strip("[]")
+    if not text:
+        raise ValueError("address is empty")
     return text
 
 
@@ -170,6 +201,10 @@ class AgentConfig:
                                          "the CPU when no GPU provider could be used", _parse_bool, restart=False)
     intra_op_threads: int = _setting(0, "IntraOpThreads", "ONNX Runtime intra-op threads per model (0 = "
                                      "runtime default)", _non_negative(_parse_int), restart=False)
+    intra_op_spinning: bool = _setting(False, "IntraOpSpinning", "let idle ONNX Runtime intra-op threads "
+                                       "busy-wait for work (lower latency on an otherwise idle CPU; off: they "
+                                       "don't steal cores from the gRPC and image threads)", _parse_bool,
+                                       restart=False)
     inter_op_threads: int = _setting(0, "InterOpThreads", "ONNX Runtime inter-op threads per model (0 = "
                                      "runtime default)", _non_negative(_parse_int), restart=False)
     max_concurrency: int = _setting(2, "MaxConcurrentInferences", "inferences one model runs in parallel",
@@ -183,6 +218,10 @@ class AgentConfig:
                                           _parse_list, restart=False)
     scan_interval_s: float = _setting(1.0, "ModelScanIntervalSeconds", "how often model packages are "
                                       "rescanned", _parse_positive_float, restart=False)
+    removal_grace_s: float = _setting(60.0, "ModelRemovalGraceSeconds", "Greengrass: how long a model whose "
+                                      "component link vanished keeps serving before it is removed (a "
+                                      "reappearing link cancels it; standalone package dirs go at once)",
+                                      _parse_non_negative_float, restart=False)
     stop_timeout_s: float = _setting(30.0, "StopTimeoutSeconds", "how long StopModel and shutdown wait for "
                                      "in-flight requests", _parse_positive_float, restart=False)
     grpc_workers: int = _setting(16, "GrpcWorkers", "gRPC server worker threads", _at_least_one)
@@ -191,6 +230,12 @@ class AgentConfig:
     log_level: str = _setting("INFO", "LogLevel", "DEBUG, INFO, WARNING or ERROR", _parse_log_level,
                               restart=False)
     log_format: str = _setting("plain", "LogFormat", "plain or json", _parse_log_format)
+    metrics_port: int = _setting(DEFAULT_METRICS_PORT, "MetricsPort", "TCP port of the Prometheus /metrics "
+                                 "endpoint (0 = any free port, -1 = no endpoint)", _parse_metrics_port)
+    metrics_address: str = _setting("127.0.0.1", "MetricsAddress", "address the /metrics endpoint listens on "
+                                    "(loopback by default; 0.0.0.0 lets other hosts scrape)", _parse_address)
+    grpc_reflection: bool = _setting(True, "GrpcReflection", "serve gRPC server reflection (grpcurl can list "
+                                     "and call the API without .proto files)", _parse_bool)
 
     @property
     def socket_path(self) -> str:
@@ -234,7 +279,8 @@ class AgentConfig:
         for f in dataclasses.fields(cls):
             flag = f.metadata["flag"]
             if f.type in ("bool", bool):
-                parser.add_argument(flag, dest=f.name, action="store_const", const=True, default=None,
+                # --flag / --no-flag: a setting that defaults to true must be switchable off too.
+                parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
                                     help=f"{f.metadata['help']}")
             else:
                 parser.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(),

@@ -105,6 +105,26 @@ def map_shm(handle: ShmHandle, *, writable: bool = False) -> Iterator[tuple[mmap
             pass
 
 
+@contextmanager
+def shm_buffer(handle: ShmHandle, nbytes: int) -> Iterator[memoryview]:
+    """A writable view of [offset, offset+nbytes) of the client's segment, so a mask can be rendered
+    straight into it (no intermediate bytes, no second copy)."""
+    if handle.size < nbytes:
+        raise InvalidInput(f"mask shared memory handle {handle.name!r} has size {handle.size}, the mask needs "
+                           f"{nbytes} bytes")
+    with map_shm(handle, writable=True) as (mm, delta):
+        base = memoryview(mm)
+        view = base[delta:delta + nbytes]
+        try:
+            yield view
+        finally:
+            for v in (view, base):
+                try:
+                    v.release()
+                except BufferError:
+                    pass  # an array over it is still alive (a traceback holds it); map_shm copes
+
+
 def write_shm(handle: ShmHandle, data: np.ndarray) -> None:
     """Copy an RGB888 mask into the client's segment at [offset, offset+size)."""
     nbytes = data.nbytes

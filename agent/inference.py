@@ -15,7 +15,7 @@ from typing import Protocol
 import numpy as np
 
 from .errors import InvalidInput
-from .image import ShmHandle, as_image, check_size, map_shm, write_shm
+from .image import ShmHandle, as_image, check_size, map_shm, shm_buffer, write_shm
 from .pipeline import Clock, Detection
 from .registry import ModelRegistry
 
@@ -63,10 +63,19 @@ class InferenceService:
                     assert request.data is not None
                     image = as_image(request.data, request.width, request.height)
                 read = self.clock() - t0
+                mask_out = None
+                if request.mask_shm is not None:
+                    # Render the mask straight into the client's segment. If it can't be mapped, go on:
+                    # write_shm below reports the problem, and only if the model makes a mask at all.
+                    try:
+                        mask_out = stack.enter_context(shm_buffer(request.mask_shm,
+                                                                  request.width * request.height * 3))
+                    except InvalidInput:
+                        mask_out = None
                 waited = stack.enter_context(model.gate.slot(self.clock))
-                detection = model.predictor.predict(image)
+                detection = model.predictor.predict(image, mask_out)
                 del image  # release the view before the mapping closes
-            if request.mask_shm is not None and detection.mask is not None:
+            if request.mask_shm is not None and detection.mask is not None:  # not rendered in place
                 write_shm(request.mask_shm, np.frombuffer(detection.mask, dtype=np.uint8))
             return detection
         finally:

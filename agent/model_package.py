@@ -365,13 +365,15 @@ def build_package(
     model_version: str = "1",
     autostart: bool = False,
     execution: Mapping[str, Any] | None = None,
+    score_activation: str = "auto",
     extra: Mapping[str, Any] | None = None,
 ) -> ModelPackage:
     """Write a model package for an ONNX model into out_dir (created; must not exist or be empty).
 
     kind "auto" recognises anomalib 2.x exports by their outputs, anomalib 1.x by the metadata.json
     beside the model, segmentation by a [N,C,H,W] output, else classification. External data
-    files are copied along. The result is loaded back with load_package, so it is valid.
+    files are copied along. score_activation "auto" applies softmax to a classifier's 2-class
+    output (logits) and nothing to a single score. The result is loaded back with load_package, so it is valid.
     """
     import onnx
 
@@ -431,7 +433,12 @@ def build_package(
         },
         "autostart": autostart,
     }
-    if kind != "classification":
+    if kind == "classification":
+        if score_activation == "auto":
+            last = sig.outputs[0][1][-1] if sig.outputs[0][1] else 1
+            score_activation = "softmax" if isinstance(last, int) and last >= 2 else "none"
+        doc["score_activation"] = score_activation
+    else:
         names = list(classes) if classes else ["background", "anomaly"]
         doc["pixel_level_classes"] = {"names": names, "normal_ids": [0]}
         if colors:

@@ -22,6 +22,7 @@ from typing import Protocol
 import numpy as np
 
 from .errors import AgentError, InvalidModelState, ModelNotFound, Overloaded
+from .logs import model_context
 from .model_package import ModelPackage
 from .pipeline import Clock, Predictor
 from .runtime.base import ModelRuntime
@@ -162,7 +163,7 @@ class ModelRegistry:
         self._closed = False
 
     # -- queries -------------------------------------------------------------------------------
-    def list(self) -> list[ModelInfo]:
+    def models(self) -> list[ModelInfo]:
         with self._lock:
             return [m.info() for _, m in sorted(self._models.items())]
 
@@ -180,6 +181,22 @@ class ModelRegistry:
 
     def add_listener(self, listener: RegistryListener) -> None:
         self._listeners.append(listener)
+
+    @property
+    def settings(self) -> RegistrySettings:
+        return self._settings
+
+    def update_settings(self, settings: RegistrySettings) -> None:
+        """Live configuration change: applies to later loads, starts and stops (a running model keeps
+        the admission bounds it was started with until it is restarted)."""
+        with self._lock:
+            self._settings = settings
+
+    def busy(self) -> list[str]:
+        """Models being loaded: STARTING, or a new version warming up beside the running one."""
+        with self._lock:
+            return sorted(n for n, m in self._models.items()
+                          if m.status == ModelStatus.STARTING or m.swapping)
 
     def _get(self, name: str) -> _Model:
         model = self._models.get(name)
@@ -235,10 +252,16 @@ class ModelRegistry:
             info = model.info()
         if predictor is not None and drained:
             predictor.session.unload()
-        log.info("model %s stopped", model.package.name)
+        log.info("model %s stopped", model.package.name, extra={"model": info.name, "version": info.version})
         self._notify("on_status", info)
 
     def _load(self, model: _Model, package: ModelPackage, generation: int, swap: bool) -> None:
+        # Loader threads don't inherit a context: label this load's log lines (incl. the runtime's
+        # CPU-fallback warning) with the model and the version being loaded.
+        with model_context(package.name, package.model_version or package.fingerprint):
+            self._load_in_context(model, package, generation, swap)
+
+    def _load_in_context(self, model: _Model, package: ModelPackage, generation: int, swap: bool) -> None:
         name = package.name
         try:
             t0 = self._clock()

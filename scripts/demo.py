@@ -62,12 +62,13 @@ def main() -> int:
     t0 = time.perf_counter()
     model = train_padim([normal_texture(rng, size) for _ in range(40)], image_size=size, rng=rng)
     onnx_path = model.export_onnx(out / "onnx" / "model.onnx", external_data=True)
-    print(f"trained and exported in {time.perf_counter() - t0:.1f}s: {sorted(p.name for p in onnx_path.parent.iterdir())}")
+    files = sorted(p.name for p in onnx_path.parent.iterdir())
+    print(f"trained and exported in {time.perf_counter() - t0:.1f}s: {files}")
 
     step("2. packaging it")
     built = run(str(BIN), "model", "build", "--onnx", str(onnx_path), "--name", MODEL, "--out",
                 str(out / "models" / MODEL), "--model-version", "1",
-                "--arn", f"arn:aws:lookoutvision:us-east-1:123456789012:model/textile/1")
+                "--arn", "arn:aws:lookoutvision:us-east-1:123456789012:model/textile/1")
     print(built.stdout.strip())
 
     normal = normal_texture(rng, size)
@@ -95,8 +96,9 @@ def main() -> int:
                 except grpc.RpcError:
                     pass  # not listening yet
                 time.sleep(0.1)
-            print(f"agent up on {sock}; ListModels: "
-                  f"{[(m.model_component, pb.ModelStatus.Name(m.status)) for m in stub.ListModels(pb.ListModelsRequest()).models]}")
+            listed = stub.ListModels(pb.ListModelsRequest()).models
+            states = [(m.model_component, pb.ModelStatus.Name(m.status)) for m in listed]
+            print(f"agent up on {sock}; ListModels: {states}")
 
             step("4. StartModel, then DescribeModel until RUNNING")
             t0 = time.perf_counter()

@@ -22,9 +22,8 @@ MODULES = ("edge_agent_pb2.py", "edge_agent_pb2.pyi", "edge_agent_pb2_grpc.py")
 
 def generate(out_dir: Path) -> None:
     """Run protoc on the project's proto, writing the three stub modules into out_dir."""
-    from grpc_tools import protoc  # dev dependency; imported here so --help works without it
-
     import grpc_tools
+    from grpc_tools import protoc  # dev dependency; imported here so --help works without it
 
     include = Path(grpc_tools.__file__).parent / "_proto"
     with tempfile.TemporaryDirectory() as tmp:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -188,42 +189,43 @@ def test_shared_memory_input_and_mask(make_package, agent, stub, pb):
     wait_known(agent, "widget")
     start(stub, pb, "widget")
     image = grey_with_square(128, 96, box=(16, 16, 48, 48))
+    seg_in, seg_mask = f"/ea-test-in-{os.getpid()}", f"/ea-test-mask-{os.getpid()}"  # parallel runs don't collide
     offset = 4096 + 100  # not page aligned: the agent must map from the page boundary
-    with shm_segment("/ea-test-in", offset + image.nbytes) as frame, \
-            shm_segment("/ea-test-mask", 64 + image.nbytes) as mask_seg:
+    with shm_segment(seg_in, offset + image.nbytes) as frame, \
+            shm_segment(seg_mask, 64 + image.nbytes) as mask_seg:
         frame[offset:offset + image.nbytes] = image.tobytes()
         for field in ("shared_memory_handle", "shared_memory_handle_draft"):
             mask_seg[:] = b"\0" * len(mask_seg)
-            params = pb.AnomalyMaskParams(**{field: pb.SharedMemoryHandle(name="/ea-test-mask",
+            params = pb.AnomalyMaskParams(**{field: pb.SharedMemoryHandle(name=seg_mask,
                                                                           size=image.nbytes, offset=64)})
             req = pb.DetectAnomaliesRequest(
                 model_component="widget",
                 bitmap=pb.Bitmap(width=128, height=96, shared_memory_handle=pb.SharedMemoryHandle(
-                    name="/ea-test-in", size=image.nbytes, offset=offset)),
+                    name=seg_in, size=image.nbytes, offset=offset)),
                 anomaly_mask_params=params)
             result = stub.DetectAnomalies(req).detect_anomaly_result
             assert result.is_anomalous
             assert result.anomaly_mask.WhichOneof("data") == "shared_memory_handle"
-            assert result.anomaly_mask.shared_memory_handle.name == "/ea-test-mask"
+            assert result.anomaly_mask.shared_memory_handle.name == seg_mask
             assert not result.anomaly_mask.byte_data
             mask = np.frombuffer(mask_seg, np.uint8, count=image.nbytes, offset=64).reshape(96, 128, 3)
             inline = detect(stub, pb, "widget", image)
             assert mask.tobytes() == inline.anomaly_mask.byte_data, field
             del mask
         # The agent never unlinks the client's segments.
-        assert Path("/dev/shm/ea-test-in").exists() and Path("/dev/shm/ea-test-mask").exists()
+        assert Path("/dev/shm" + seg_in).exists() and Path("/dev/shm" + seg_mask).exists()
 
         # A range past the end of the segment, and a mask segment that is too small.
         bad = pb.DetectAnomaliesRequest(model_component="widget", bitmap=pb.Bitmap(
             width=128, height=96, shared_memory_handle=pb.SharedMemoryHandle(
-                name="/ea-test-in", size=image.nbytes, offset=offset + 1)))
+                name=seg_in, size=image.nbytes, offset=offset + 1)))
         code, details = code_of(stub.DetectAnomalies, bad)
         assert code == grpc.StatusCode.INVALID_ARGUMENT and "exceeds segment" in details
         small = pb.DetectAnomaliesRequest(
             model_component="widget",
             bitmap=pb.Bitmap(width=128, height=96, byte_data=image.tobytes()),
             anomaly_mask_params=pb.AnomalyMaskParams(shared_memory_handle=pb.SharedMemoryHandle(
-                name="/ea-test-mask", size=100, offset=0)))
+                name=seg_mask, size=100, offset=0)))
         code, details = code_of(stub.DetectAnomalies, small)
         assert code == grpc.StatusCode.INVALID_ARGUMENT and "needs 36864 bytes" in details
 

@@ -63,7 +63,7 @@ def test_build_serve_detect_and_sigterm(model_files, short_tmp, pb, pb_modules):
             overlay = np.asarray(Image.open(short_tmp / "ov-defect.png"))
             assert not (overlay[10, 10] == grey_with_square()[10, 10]).all()  # tinted where the defect is
             assert (overlay[40, 40] == 128).all()  # untouched elsewhere
-        assert not [p for p in os.listdir("/dev/shm") if p.startswith(f"edge-agent-detect-")]
+        assert not [p for p in os.listdir("/dev/shm") if p.startswith("edge-agent-detect-")]
         missing = cli("detect", "--socket", sock, "--model", "nope", str(normal))
         assert missing.returncode == 1 and "NOT_FOUND" in missing.stderr
     finally:

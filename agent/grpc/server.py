@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import errno
-import grpc
 import logging
 import os
 import socket
 import stat
+from collections.abc import Sequence
 from concurrent import futures
 from pathlib import Path
+
+import grpc
 
 from ..config import AgentConfig
 from ..errors import ConfigError
@@ -50,7 +52,7 @@ def _group_id(group: str) -> int:
         raise ConfigError(f"socket group {group!r} does not exist") from None
 
 
-def build_server(config: AgentConfig) -> grpc.Server:
+def build_server(config: AgentConfig, interceptors: Sequence[grpc.ServerInterceptor] = ()) -> grpc.Server:
     options = [
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
@@ -58,7 +60,7 @@ def build_server(config: AgentConfig) -> grpc.Server:
         ("grpc.so_reuseport", 0),
     ]
     return grpc.server(futures.ThreadPoolExecutor(max_workers=config.grpc_workers, thread_name_prefix="grpc"),
-                       options=options)
+                       interceptors=list(interceptors), options=options)
 
 
 def bind(server: grpc.Server, config: AgentConfig) -> list[str]:
@@ -66,7 +68,8 @@ def bind(server: grpc.Server, config: AgentConfig) -> list[str]:
     path = Path(config.socket_path)
     path.parent.mkdir(parents=True, exist_ok=True)
     clear_stale_socket(path)
-    gid = _group_id(config.socket_group) if config.socket_group else -1
+    if config.socket_group:
+        _group_id(config.socket_group)  # an unknown group fails here, before anything is bound
     # The socket is created by bind(): a restrictive umask keeps it closed until chmod below.
     old_umask = os.umask(0o177)
     try:

@@ -60,21 +60,24 @@ def to_request(request: pb.DetectAnomaliesRequest) -> DetectRequest:
     return DetectRequest(request.model_component, bitmap.width, bitmap.height, data, shm, mask_shm)
 
 
-def to_result(detection: Detection, mask_shm: ShmHandle | None) -> pb.DetectAnomalyResult:
-    result = pb.DetectAnomalyResult(
-        is_anomalous=detection.is_anomalous,
-        confidence=detection.confidence,
-        anomaly_score=detection.score,
-        anomaly_threshold=detection.threshold,
-    )
-    if detection.mask is not None:
+def to_result(detection: Detection, mask_shm: ShmHandle | None,
+              result: pb.DetectAnomalyResult | None = None) -> pb.DetectAnomalyResult:
+    """Fill `result` (a new message if None). Pass the response's own sub-message: building a separate
+    one and handing it to the response's constructor would copy it, mask bytes included."""
+    if result is None:
+        result = pb.DetectAnomalyResult()
+    result.is_anomalous = detection.is_anomalous
+    result.confidence = detection.confidence
+    result.anomaly_score = detection.score
+    result.anomaly_threshold = detection.threshold
+    if detection.has_mask:
         mask = result.anomaly_mask
         mask.width, mask.height = detection.mask_width, detection.mask_height
         if mask_shm is not None:
             mask.shared_memory_handle.name = mask_shm.name
-            mask.shared_memory_handle.size = len(detection.mask)
+            mask.shared_memory_handle.size = detection.mask_width * detection.mask_height * 3
             mask.shared_memory_handle.offset = mask_shm.offset
-        else:
+        elif detection.mask is not None:
             mask.byte_data = detection.mask
         for anomaly in detection.anomalies:
             result.anomalies.add(name=anomaly.name, pixel_anomaly=pb.PixelAnomaly(
@@ -83,7 +86,7 @@ def to_result(detection: Detection, mask_shm: ShmHandle | None) -> pb.DetectAnom
 
 
 def _metadata(info: ModelInfo, cls: type) -> Any:
-    return cls(model_component=info.name, lookout_vision_model_arn=info.arn, status=int(info.status),
+    return cls(model_component=info.name, lookout_vision_model_arn=info.arn, status=info.status.name,
                status_message=info.status_message)
 
 
@@ -96,19 +99,21 @@ class EdgeAgentServicer(pb_grpc.EdgeAgentServicer):
     def DetectAnomalies(self, request: pb.DetectAnomaliesRequest, context: grpc.ServicerContext) -> Any:
         req = to_request(request)
         detection = self.inference.detect(req)
-        return pb.DetectAnomaliesResponse(detect_anomaly_result=to_result(detection, req.mask_shm))
+        response = pb.DetectAnomaliesResponse()
+        to_result(detection, req.mask_shm, response.detect_anomaly_result)
+        return response
 
     @_rpc
     def StartModel(self, request: pb.StartModelRequest, context: grpc.ServicerContext) -> Any:
-        return pb.StartModelResponse(status=int(self.registry.start(_name(request.model_component))))
+        return pb.StartModelResponse(status=self.registry.start(_name(request.model_component)).name)
 
     @_rpc
     def StopModel(self, request: pb.StopModelRequest, context: grpc.ServicerContext) -> Any:
-        return pb.StopModelResponse(status=int(self.registry.stop(_name(request.model_component))))
+        return pb.StopModelResponse(status=self.registry.stop(_name(request.model_component)).name)
 
     @_rpc
     def ListModels(self, request: pb.ListModelsRequest, context: grpc.ServicerContext) -> Any:
-        return pb.ListModelsResponse(models=[_metadata(i, pb.ModelMetadata) for i in self.registry.list()])
+        return pb.ListModelsResponse(models=[_metadata(i, pb.ModelMetadata) for i in self.registry.models()])
 
     @_rpc
     def DescribeModel(self, request: pb.DescribeModelRequest, context: grpc.ServicerContext) -> Any:

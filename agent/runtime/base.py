@@ -21,12 +21,21 @@ class TensorSpec:
 class RuntimeSession(Protocol):
     """One loaded model. predict() must be safe to call from several threads at once."""
 
-    inputs: Sequence[TensorSpec]
-    outputs: Sequence[TensorSpec]
-    #: Execution providers the session really uses, best first (e.g. ["CUDAExecutionProvider", ...]).
-    providers: Sequence[str]
-    #: Human-readable note on provider selection ("" when everything asked for is in use).
-    provider_note: str
+    @property
+    def inputs(self) -> Sequence[TensorSpec]: ...
+
+    @property
+    def outputs(self) -> Sequence[TensorSpec]: ...
+
+    @property
+    def providers(self) -> Sequence[str]:
+        """Execution providers the session really uses, best first (e.g. ["CUDAExecutionProvider", ...])."""
+        ...
+
+    @property
+    def provider_note(self) -> str:
+        """Human-readable note on provider selection, for the model's status message."""
+        ...
 
     def predict(self, feeds: Mapping[str, np.ndarray], output_names: Sequence[str]) -> list[np.ndarray]: ...
 

@@ -34,6 +34,7 @@ class OnnxRuntimeOptions:
     require_accelerator: bool = False
     intra_op_threads: int = 0
     inter_op_threads: int = 0
+    allow_spinning: bool = False
     cache_dir: Path | None = None
 
 
@@ -103,6 +104,8 @@ class OnnxRuntime:
         so.intra_op_num_threads = self.options.intra_op_threads
         so.inter_op_num_threads = self.options.inter_op_threads
         so.log_severity_level = 3
+        # Busy-waiting intra-op threads burn the cores the gRPC, pre- and post-processing threads need.
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.options.allow_spinning else "0")
         providers = [(n, self._provider_options(n, package)) for n in requested]
         try:
             session = ort.InferenceSession(str(package.model_file), sess_options=so, providers=providers)
