@@ -6,7 +6,6 @@ from __future__ import annotations
 import importlib
 import shutil
 import sys
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
@@ -15,6 +14,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from metrics_fixtures import RunningAgent, short_tmp_dir, widget_agent
 
 from agent.config import AgentConfig
 from agent.model_package import ModelPackage, build_package
@@ -71,9 +71,15 @@ def model_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture
 def short_tmp() -> Iterator[Path]:
     """A temp dir with a short path: AF_UNIX socket paths are limited to 107 bytes."""
-    path = Path(tempfile.mkdtemp(prefix="ea-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+    with short_tmp_dir() as path:
+        yield path
+
+
+@pytest.fixture
+def running_agent(short_tmp: Path) -> Iterator[RunningAgent]:
+    """A real agent (fresh metrics registry, metrics on a free port) with one STOPPED model."""
+    with widget_agent(short_tmp) as running:
+        yield running
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -15,10 +14,8 @@ from metrics_fixtures import (
     MODEL,
     RunningAgent,
     make_models_dir,
-    short_tmp_dir,
     start_agent,
     wait_until,
-    widget_agent,
 )
 
 from agent.grpc._generated import edge_agent_pb2 as pb
@@ -27,18 +24,6 @@ from agent.registry import ModelInfo, ModelStatus
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    with short_tmp_dir() as path:
-        yield path
-
-
-@pytest.fixture
-def running_agent(short_dir: Path) -> Iterator[RunningAgent]:
-    with widget_agent(short_dir) as running:
-        yield running
-
 
 
 def check(a: RunningAgent, service: str) -> int:
@@ -90,10 +75,10 @@ def test_overall_and_per_model_transitions(running_agent: RunningAgent) -> None:
                     grpc_type="unary", grpc_code="NOT_FOUND") == 1
 
 
-def test_failed_model_is_not_serving(short_dir: Path) -> None:
-    models = make_models_dir(short_dir)
+def test_failed_model_is_not_serving(short_tmp: Path) -> None:
+    models = make_models_dir(short_tmp)
     (models / MODEL / f"{MODEL}.onnx").write_bytes(b"broken")  # sha256 no longer matches → FAILED
-    a = start_agent(short_dir, models)
+    a = start_agent(short_tmp, models)
     try:
         wait_until(lambda: MODEL in a.agent.registry.names(), 10, "model discovery")
         a.stub.StartModel(pb.StartModelRequest(model_component=MODEL), timeout=10)
@@ -123,8 +108,8 @@ def test_reflection_on_by_default(running_agent: RunningAgent) -> None:
                10, "the reflection RPC to be counted")
 
 
-def test_reflection_can_be_turned_off(short_dir: Path) -> None:
-    a = start_agent(short_dir, make_models_dir(short_dir), grpc_reflection=False)
+def test_reflection_can_be_turned_off(short_tmp: Path) -> None:
+    a = start_agent(short_tmp, make_models_dir(short_tmp), grpc_reflection=False)
     try:
         with pytest.raises(grpc.RpcError) as err:
             list_services(a)

@@ -8,7 +8,6 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -24,10 +23,8 @@ from metrics_fixtures import (
     make_models_dir,
     metric_names,
     scrape,
-    short_tmp_dir,
     start_agent,
     wait_until,
-    widget_agent,
 )
 from prometheus_client import CollectorRegistry
 
@@ -41,18 +38,6 @@ from agent.status import histogram_quantile
 
 SERVICE = "AWS.LookoutVision.EdgeAgent"
 STAGES = ("image_read", "queue", "preprocess", "inference", "postprocess")
-
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    with short_tmp_dir() as path:
-        yield path
-
-
-@pytest.fixture
-def running_agent(short_dir: Path) -> Iterator[RunningAgent]:
-    with widget_agent(short_dir) as running:
-        yield running
-
 
 
 def handled(a: RunningAgent, method: str, code: str) -> float:
@@ -156,14 +141,14 @@ def test_model_status_info_and_load_metrics(running_agent: RunningAgent) -> None
     assert a.registry.get_sample_value("edge_agent_build_info", {"version": __import__("agent").__version__}) == 1
 
 
-def test_swap_counts_and_http_endpoint(short_dir: Path) -> None:
-    models = make_models_dir(short_dir)
-    a = start_agent(short_dir, models, autostart=(MODEL,))
+def test_swap_counts_and_http_endpoint(short_tmp: Path) -> None:
+    models = make_models_dir(short_tmp)
+    a = start_agent(short_tmp, models, autostart=(MODEL,))
     try:
         a.wait_status(ModelStatus.RUNNING)
         # A new package version beside the running one → swapped in.
-        staging = short_dir / "v2"
-        onnx_path = build_anomalib_v2(short_dir / "v2.onnx", image_size=(64, 64))
+        staging = short_tmp / "v2"
+        onnx_path = build_anomalib_v2(short_tmp / "v2.onnx", image_size=(64, 64))
         build_package(onnx_path, staging, name=MODEL, model_version="2")
         for f in staging.iterdir():
             (models / MODEL / f.name).unlink(missing_ok=True)
@@ -194,19 +179,19 @@ def test_swap_counts_and_http_endpoint(short_dir: Path) -> None:
     assert a.agent.metrics_server is None
 
 
-def test_metrics_port_off_and_taken(short_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
-    models = make_models_dir(short_dir)
-    a = start_agent(short_dir, models, metrics_port=-1)
+def test_metrics_port_off_and_taken(short_tmp: Path, caplog: pytest.LogCaptureFixture) -> None:
+    models = make_models_dir(short_tmp)
+    a = start_agent(short_tmp, models, metrics_port=-1)
     try:
         assert a.agent.metrics_server is None
         port = None
     finally:
         a.agent.stop(grace=1)
-    first = start_agent(short_dir, models, socket=f"unix://{short_dir}/one.sock")
+    first = start_agent(short_tmp, models, socket=f"unix://{short_tmp}/one.sock")
     try:
         port = first.agent.metrics_server.port  # type: ignore[union-attr]
         with caplog.at_level(logging.ERROR, logger="agent.server"):
-            second = start_agent(short_dir, models, socket=f"unix://{short_dir}/two.sock", metrics_port=port)
+            second = start_agent(short_tmp, models, socket=f"unix://{short_tmp}/two.sock", metrics_port=port)
         try:
             # A taken port costs the metrics, not the agent.
             assert second.agent.metrics_server is None

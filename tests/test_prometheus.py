@@ -29,9 +29,7 @@ from metrics_fixtures import (
     dashboard_queries,
     grey,
     scrape,
-    short_tmp_dir,
     wait_until,
-    widget_agent,
 )
 
 from agent.grpc._generated import edge_agent_pb2 as pb
@@ -39,18 +37,6 @@ from agent.registry import ModelStatus
 from agent.status import histogram_quantile
 
 JOB = "edge-agent"
-
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    with short_tmp_dir() as path:
-        yield path
-
-
-@pytest.fixture
-def running_agent(short_dir: Path) -> Iterator[RunningAgent]:
-    with widget_agent(short_dir) as running:
-        yield running
-
 
 
 def prometheus_binary() -> str:
@@ -137,9 +123,9 @@ def stop_prometheus(prom: Prometheus) -> None:
 
 
 @pytest.fixture
-def prometheus(running_agent: RunningAgent, short_dir: Path) -> Iterator[Prometheus]:
+def prometheus(running_agent: RunningAgent, short_tmp: Path) -> Iterator[Prometheus]:
     binary = prometheus_binary()
-    workdir = short_dir / "prometheus"
+    workdir = short_tmp / "prometheus"
     workdir.mkdir()
     assert running_agent.agent.metrics_server is not None
     prom = start_prometheus(binary, workdir, f"127.0.0.1:{running_agent.agent.metrics_server.port}")
