@@ -98,12 +98,12 @@ class ModelPackage:
             path = self.root / rel
             if not path.is_file():
                 raise PackageError(f"{self.name}: file {rel!r} listed in the manifest is missing")
-            if _sha256(path) != expected:
+            if sha256_file(path) != expected:
                 raise PackageError(f"{self.name}: {rel!r} does not match its sha256 in the manifest (corrupt or "
                                    "half-copied package)")
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -467,7 +467,7 @@ def build_package(
             dest = tmp / rel
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src.parent / rel, dest)
-            files[rel] = _sha256(dest)
+            files[rel] = sha256_file(dest)
         doc["files"] = files
         (tmp / MANIFEST).write_text(json.dumps(doc, indent=2) + "\n")
         package = load_package(tmp)  # validate what we wrote, with the same rules as the agent

@@ -8,8 +8,6 @@ agent.server.Agent, so live configuration goes through Agent.apply_config.
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -41,13 +39,8 @@ pytestmark = pytest.mark.timeout(60)
 
 
 @pytest.fixture
-def workdir() -> Iterator[Path]:
-    # AF_UNIX paths must stay under 108 bytes: a short dir in /tmp, not pytest's tmp_path.
-    path = Path(tempfile.mkdtemp(prefix="ggc", dir="/tmp"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
+def workdir(short_tmp: Path) -> Path:
+    return short_tmp  # AF_UNIX paths must stay under 108 bytes: not pytest's tmp_path
 
 
 def initial_config(workdir: Path) -> dict[str, Any]:

@@ -11,7 +11,6 @@ RUNNING after a crash.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -26,7 +25,7 @@ from pathlib import Path
 from typing import Protocol
 
 from ..errors import AgentError
-from ..model_package import MANIFEST, load_package
+from ..model_package import MANIFEST, load_package, sha256_file
 from .compile import compile_model, resolve_target
 from .errors import LookoutVisionError
 from .output import AwsOutput, LocalOutput, Output, Publication, build_artifact, check_artifact, s3_key
@@ -120,12 +119,6 @@ def default_output_factory(registry: Registry, poll_interval_s: float = 2.0,
     return make
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class _Heartbeat:
@@ -223,7 +216,7 @@ def _package(registry: Registry, job: JobRecord, work: Path, me: str,
         dest = package_dir / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(compiled.model_file.parent / rel, dest)
-        files[rel] = _sha256(dest)
+        files[rel] = sha256_file(dest)
     doc = json.loads((source.root / MANIFEST).read_text())
     doc.update({
         "name": job.component_name,  # the agent serves the model under the component's name
