@@ -10,8 +10,9 @@ from __future__ import annotations
 import mmap
 import os
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
+import stat
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -68,70 +69,87 @@ def shm_path(name: str) -> str:
     return os.path.join(SHM_DIR, name.lstrip("/"))
 
 
-@contextmanager
-def map_shm(handle: ShmHandle, *, writable: bool = False) -> Iterator[tuple[mmap.mmap, int]]:
-    """Map the segment's [offset, offset+size) range; yields (mmap, start of the range inside it)."""
-    path = shm_path(handle.name)
-    if handle.size <= 0:
-        raise InvalidInput(f"shared memory handle {handle.name!r} has size 0")
-    try:
-        fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise InvalidInput(f"shared memory segment {handle.name!r} does not exist") from None
-    except PermissionError:
-        raise InvalidInput(f"the agent may not {'write' if writable else 'read'} shared memory segment "
-                           f"{handle.name!r} (check its mode and owner)") from None
-    except OSError as exc:
-        raise InvalidInput(f"cannot open shared memory segment {handle.name!r}: {exc.strerror}") from None
-    try:
-        seg_size = os.fstat(fd).st_size
-        if handle.offset + handle.size > seg_size:
+@dataclass
+class _Mapping:
+    ident: tuple[int, int, int]  # st_dev, st_ino, st_size of the segment when it was mapped
+    region: memoryview  # the whole segment
+
+
+class SharedMemory:
+    """Maps clients' POSIX shared-memory segments, keeping the last few mappings.
+
+    Clients reuse one segment per camera or stream (the GStreamer LFV client writes every frame into
+    the same one), so mapping it once saves an open + mmap + page faults on every request
+    (measured: ~0.9 ms of 4.5 ms per 640x480 request with input and mask in shared memory).
+    A mapping is reused only while the segment's device, inode and size are unchanged: a client
+    that recreates or resizes its segment gets a fresh one. Segments are never unlinked; a dropped
+    mapping is unmapped when the last request using it lets go (no explicit close).
+    """
+
+    def __init__(self, max_segments: int = 16) -> None:
+        self._max = max_segments
+        self._lock = threading.Lock()
+        self._maps: OrderedDict[tuple[str, bool], _Mapping] = OrderedDict()
+
+    def region(self, handle: ShmHandle, *, writable: bool = False) -> memoryview:
+        """The bytes [offset, offset+size) of the handle's segment (read-only unless writable)."""
+        path = shm_path(handle.name)
+        if handle.size <= 0:
+            raise InvalidInput(f"shared memory handle {handle.name!r} has size 0")
+        try:
+            st = os.stat(path, follow_symlinks=False)
+        except FileNotFoundError:
+            raise InvalidInput(f"shared memory segment {handle.name!r} does not exist") from None
+        except OSError as exc:
+            raise InvalidInput(f"cannot open shared memory segment {handle.name!r}: {exc.strerror}") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise InvalidInput(f"{handle.name!r} is not a shared memory segment")
+        if handle.offset + handle.size > st.st_size:
             raise InvalidInput(f"shared memory range offset {handle.offset} + size {handle.size} exceeds segment "
-                               f"{handle.name!r} of {seg_size} bytes")
-        # mmap offsets must be page aligned: map from the page holding `offset`.
-        start = handle.offset - handle.offset % mmap.ALLOCATIONGRANULARITY
-        delta = handle.offset - start
-        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
-        mm = mmap.mmap(fd, delta + handle.size, flags=mmap.MAP_SHARED, prot=prot, offset=start)
-    finally:
-        os.close(fd)
-    try:
-        yield mm, delta
-    finally:
-        try:
-            mm.close()
-        except BufferError:
-            # A view is still alive (an exception traceback holds it); unmapping happens when it dies.
-            pass
+                               f"{handle.name!r} of {st.st_size} bytes")
+        key = (path, writable)
+        ident = (st.st_dev, st.st_ino, st.st_size)
+        with self._lock:
+            mapping = self._maps.get(key)
+            if mapping is None or mapping.ident != ident:
+                mapping = self._map(path, handle.name, writable)
+                self._maps[key] = mapping
+                while len(self._maps) > self._max:
+                    self._maps.popitem(last=False)
+            self._maps.move_to_end(key)
+            whole = mapping.region
+        if handle.offset + handle.size > len(whole):  # resized between the stat and the mapping
+            raise InvalidInput(f"shared memory segment {handle.name!r} changed size during the request")
+        return whole[handle.offset:handle.offset + handle.size]
 
-
-@contextmanager
-def shm_buffer(handle: ShmHandle, nbytes: int) -> Iterator[memoryview]:
-    """A writable view of [offset, offset+nbytes) of the client's segment, so a mask can be rendered
-    straight into it (no intermediate bytes, no second copy)."""
-    if handle.size < nbytes:
-        raise InvalidInput(f"mask shared memory handle {handle.name!r} has size {handle.size}, the mask needs "
-                           f"{nbytes} bytes")
-    with map_shm(handle, writable=True) as (mm, delta):
-        base = memoryview(mm)
-        view = base[delta:delta + nbytes]
+    @staticmethod
+    def _map(path: str, name: str, writable: bool) -> _Mapping:
         try:
-            yield view
+            fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise InvalidInput(f"shared memory segment {name!r} does not exist") from None
+        except PermissionError:
+            raise InvalidInput(f"the agent may not {'write' if writable else 'read'} shared memory segment "
+                               f"{name!r} (check its mode and owner)") from None
+        except OSError as exc:
+            raise InvalidInput(f"cannot open shared memory segment {name!r}: {exc.strerror}") from None
+        try:
+            st = os.fstat(fd)
+            if st.st_size == 0:
+                raise InvalidInput(f"shared memory segment {name!r} is empty")
+            prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+            mm = mmap.mmap(fd, st.st_size, flags=mmap.MAP_SHARED, prot=prot)
         finally:
-            for v in (view, base):
-                try:
-                    v.release()
-                except BufferError:
-                    pass  # an array over it is still alive (a traceback holds it); map_shm copes
+            os.close(fd)
+        return _Mapping((st.st_dev, st.st_ino, st.st_size), memoryview(mm))
 
+    def write(self, handle: ShmHandle, data: np.ndarray) -> None:
+        """Copy an RGB888 mask into the client's segment at [offset, offset+nbytes)."""
+        self.mask_region(handle, data.nbytes)[:] = data.reshape(-1).data
 
-def write_shm(handle: ShmHandle, data: np.ndarray) -> None:
-    """Copy an RGB888 mask into the client's segment at [offset, offset+size)."""
-    nbytes = data.nbytes
-    if handle.size < nbytes:
-        raise InvalidInput(f"mask shared memory handle {handle.name!r} has size {handle.size}, the mask needs "
-                           f"{nbytes} bytes")
-    with map_shm(handle, writable=True) as (mm, delta):
-        target = np.frombuffer(mm, dtype=np.uint8, count=nbytes, offset=delta)
-        target[:] = data.reshape(-1)
-        del target
+    def mask_region(self, handle: ShmHandle, nbytes: int) -> memoryview:
+        """A writable view of the first nbytes of the handle's range, for a mask of nbytes."""
+        if handle.size < nbytes:
+            raise InvalidInput(f"mask shared memory handle {handle.name!r} has size {handle.size}, the mask needs "
+                               f"{nbytes} bytes")
+        return self.region(handle, writable=True)[:nbytes]

@@ -8,14 +8,13 @@ the caller's shared-memory segment.
 from __future__ import annotations
 
 import time
-from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 
 from .errors import InvalidInput
-from .image import ShmHandle, as_image, check_size, map_shm, shm_buffer, write_shm
+from .image import SharedMemory, ShmHandle, as_image, check_size
 from .pipeline import Clock, Detection
 from .registry import ModelRegistry
 
@@ -39,10 +38,11 @@ class DetectObserver(Protocol):
 
 class InferenceService:
     def __init__(self, registry: ModelRegistry, *, clock: Clock = time.perf_counter,
-                 observer: DetectObserver | None = None) -> None:
+                 observer: DetectObserver | None = None, shared_memory: SharedMemory | None = None) -> None:
         self.registry = registry
         self.clock = clock
         self.observer = observer
+        self.shm = shared_memory or SharedMemory()
 
     def detect(self, request: DetectRequest) -> Detection:
         if not request.model:
@@ -54,29 +54,25 @@ class InferenceService:
         detection: Detection | None = None
         waited = read = 0.0
         try:
-            with ExitStack() as stack:
-                t0 = self.clock()
-                if request.shm is not None:
-                    mm, delta = stack.enter_context(map_shm(request.shm))
-                    image = as_image(mm, request.width, request.height, offset=delta, nbytes=request.shm.size)
-                else:
-                    assert request.data is not None
-                    image = as_image(request.data, request.width, request.height)
-                read = self.clock() - t0
-                mask_out = None
-                if request.mask_shm is not None:
-                    # Render the mask straight into the client's segment. If it can't be mapped, go on:
-                    # write_shm below reports the problem, and only if the model makes a mask at all.
-                    try:
-                        mask_out = stack.enter_context(shm_buffer(request.mask_shm,
-                                                                  request.width * request.height * 3))
-                    except InvalidInput:
-                        mask_out = None
-                waited = stack.enter_context(model.gate.slot(self.clock))
+            t0 = self.clock()
+            if request.shm is not None:
+                image = as_image(self.shm.region(request.shm), request.width, request.height)
+            else:
+                assert request.data is not None
+                image = as_image(request.data, request.width, request.height)
+            read = self.clock() - t0
+            mask_out = None
+            if request.mask_shm is not None:
+                # Render the mask straight into the client's segment. If it can't be mapped, go on:
+                # the write below reports the problem, and only if the model makes a mask at all.
+                try:
+                    mask_out = self.shm.mask_region(request.mask_shm, request.width * request.height * 3)
+                except InvalidInput:
+                    mask_out = None
+            with model.gate.slot(self.clock) as waited:
                 detection = model.predictor.predict(image, mask_out)
-                del image  # release the view before the mapping closes
             if request.mask_shm is not None and detection.mask is not None:  # not rendered in place
-                write_shm(request.mask_shm, np.frombuffer(detection.mask, dtype=np.uint8))
+                self.shm.write(request.mask_shm, np.frombuffer(detection.mask, dtype=np.uint8))
             return detection
         finally:
             if self.observer is not None:

@@ -319,3 +319,36 @@ def test_model_that_fails_to_load(make_package, models_dir, agent, stub, pb):
     # FAILED models can be started again (and fail again with a message).
     assert stub.StartModel(pb.StartModelRequest(model_component="broken")).status == pb.STARTING
     assert wait_status(stub, pb, "broken", pb.FAILED).status == pb.FAILED
+
+
+def test_reused_and_replaced_shared_memory_segments(make_package, agent, stub, pb):
+    """Clients reuse one segment per stream (the agent keeps it mapped) and may recreate or resize it
+    under the same name: every request must see the bytes that are there now."""
+    from agent.client import shm_segment
+
+    make_package("anomalib", "widget")
+    wait_known(agent, "widget")
+    start(stub, pb, "widget")
+    name = f"/ea-reuse-{os.getpid()}"
+    normal, defect = grey_with_square(box=None), grey_with_square(box=(8, 8, 24, 24))
+
+    def request(width: int = 64, height: int = 64) -> object:
+        return pb.DetectAnomaliesRequest(model_component="widget", bitmap=pb.Bitmap(
+            width=width, height=height, shared_memory_handle=pb.SharedMemoryHandle(
+                name=name, size=width * height * 3, offset=0)))
+
+    with shm_segment(name, normal.nbytes) as seg:
+        for image in (normal, defect, normal, defect):  # same segment, new frame each time
+            seg[:] = image.tobytes()
+            assert stub.DetectAnomalies(request()).detect_anomaly_result.is_anomalous == (image is defect)
+    big = grey_with_square(128, 128, box=(0, 0, 16, 16))
+    with shm_segment(name, big.nbytes) as seg:  # recreated under the same name, larger
+        seg[:] = big.tobytes()
+        result = stub.DetectAnomalies(request(128, 128)).detect_anomaly_result
+        assert result.is_anomalous and result.anomaly_mask.width == 128
+        with pytest.raises(grpc.RpcError) as info:  # the old size no longer fits a 256x256 frame
+            stub.DetectAnomalies(request(256, 256))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with shm_segment(name, normal.nbytes) as seg:  # and smaller again
+        seg[:] = normal.tobytes()
+        assert not stub.DetectAnomalies(request()).detect_anomaly_result.is_anomalous
