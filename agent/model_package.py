@@ -92,6 +92,11 @@ class ModelPackage:
     checksums: Mapping[str, str] = field(default_factory=dict)
     fingerprint: str = ""
 
+    @property
+    def version(self) -> str:
+        """What logs, metrics and status messages call this package: its model_version, else its fingerprint."""
+        return self.model_version or self.fingerprint
+
     def verify_files(self) -> None:
         """Check every listed file against its sha256 (done at load, off the request path)."""
         for rel, expected in self.checksums.items():

@@ -108,8 +108,8 @@ class Predictor:
         n = max(len(package.class_names), 2)
         colors += [DEFAULT_PALETTE[(i % (len(DEFAULT_PALETTE) - 1)) + 1] for i in range(len(colors), 256)]
         self._colors = [c.upper() for c in colors[:256]]
-        self._palette = [int(c[i:i + 2], 16) for c in self._colors for i in (1, 3, 5)]
-        self._palette_rgb = np.array(self._palette, dtype=np.uint8).reshape(256, 3)
+        self._palette_rgb = np.array([[int(c[i:i + 2], 16) for i in (1, 3, 5)] for c in self._colors],
+                                     dtype=np.uint8)
         self._class_names = list(package.class_names) + [f"class_{i}" for i in range(len(package.class_names), n)]
         self._normal = np.array(sorted(set(package.normal_ids)), dtype=np.int64)
 

@@ -129,7 +129,7 @@ class _Model:
     providers: tuple[str, ...] = field(default_factory=tuple)
 
     def info(self) -> ModelInfo:
-        version = self.package.model_version or self.package.fingerprint
+        version = self.package.version
         return ModelInfo(self.package.name, self.package.arn, self.status, self.message, version, self.providers)
 
 
@@ -258,7 +258,7 @@ class ModelRegistry:
     def _load(self, model: _Model, package: ModelPackage, generation: int, swap: bool) -> None:
         # Loader threads don't inherit a context: label this load's log lines (incl. the runtime's
         # CPU-fallback warning) with the model and the version being loaded.
-        with model_context(package.name, package.model_version or package.fingerprint):
+        with model_context(package.name, package.version):
             self._load_in_context(model, package, generation, swap)
 
     def _load_in_context(self, model: _Model, package: ModelPackage, generation: int, swap: bool) -> None:
@@ -309,7 +309,7 @@ class ModelRegistry:
                 if model.swapping != package.fingerprint:
                     return
                 model.swapping = ""
-                model.message = (f"update of {package.name} to version {package.model_version or package.fingerprint} "
+                model.message = (f"update of {package.name} to version {package.version} "
                                  f"failed, still serving the previous version: {reason}")
             else:
                 model.status = ModelStatus.FAILED
@@ -330,7 +330,7 @@ class ModelRegistry:
             if model is None or model.removed:
                 model = _Model(package)
                 self._models[name] = model
-                log.info("model %s added (version %s)", name, package.model_version or package.fingerprint)
+                log.info("model %s added (version %s)", name, package.version)
                 start = autostart
             else:
                 if package.fingerprint in (model.package.fingerprint, model.swapping):
@@ -339,7 +339,7 @@ class ModelRegistry:
                 if model.status == ModelStatus.RUNNING:
                     model.swapping = package.fingerprint
                     log.info("model %s: loading new version %s beside the running one", name,
-                             package.model_version or package.fingerprint)
+                             package.version)
                     self._loader.submit(self._load, model, package, model.generation, True)
                 elif model.status == ModelStatus.STARTING:
                     model.package = package
@@ -388,8 +388,7 @@ class ModelRegistry:
             if model.status != ModelStatus.RUNNING or model.predictor is None or model.gate is None:
                 raise InvalidModelState(f"model {name!r} is {model.status.name}, not RUNNING; call StartModel and "
                                         "wait for RUNNING")
-            return RunningModel(name, model.package.model_version or model.package.fingerprint, model.predictor,
-                                model.gate)
+            return RunningModel(name, model.package.version, model.predictor, model.gate)
 
     def wait_for(self, name: str, statuses: set[ModelStatus], timeout: float) -> ModelInfo:
         """Poll until the model is in one of statuses (tests, CLI); returns the last info seen."""
