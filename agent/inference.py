@@ -11,8 +11,6 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
-import numpy as np
-
 from .errors import InvalidInput
 from .image import SharedMemory, ShmHandle, as_image, check_size
 from .pipeline import Clock, Detection
@@ -72,7 +70,7 @@ class InferenceService:
             with model.gate.slot(self.clock) as waited:
                 detection = model.predictor.predict(image, mask_out)
             if request.mask_shm is not None and detection.mask is not None:  # not rendered in place
-                self.shm.write(request.mask_shm, np.frombuffer(detection.mask, dtype=np.uint8))
+                self.shm.write(request.mask_shm, detection.mask)
             return detection
         finally:
             if self.observer is not None:

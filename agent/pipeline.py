@@ -36,9 +36,9 @@ class Detection:
     score: float
     threshold: float
     anomalies: list[Anomaly] = field(default_factory=list)
-    #: RGB888 mask bytes of the input's size, or None for models without a mask (and when it was
-    #: rendered into the caller's buffer: see mask_in_buffer).
-    mask: bytes | None = None
+    #: RGB888 mask of the input's size (height x width x 3 uint8, C-contiguous), or None for models
+    #: without a mask (and when it was rendered into the caller's buffer: see mask_in_buffer).
+    mask: np.ndarray | None = None
     mask_width: int = 0
     mask_height: int = 0
     #: Seconds per stage: preprocess, inference, postprocess.
@@ -164,8 +164,8 @@ class Predictor:
         """image: HxWx3 uint8 RGB (any strides). Raises InferenceFailed when the runtime fails.
 
         mask_out: a writable buffer of at least H*W*3 bytes (e.g. the client's shared-memory mask
-        segment): the mask is rendered straight into it and `Detection.mask` is a view of it, instead
-        of a new bytes object (`Detection.mask` stays None, `mask_in_buffer` is True)."""
+        segment): the mask is rendered straight into it instead of a new array (`Detection.mask` stays
+        None, `mask_in_buffer` is True)."""
         t0 = self.clock()
         tensor = self.preprocess(image)
         t1 = self.clock()
@@ -277,7 +277,7 @@ class Predictor:
             del full  # release the caller's buffer
             detection.mask_in_buffer = True
         else:
-            detection.mask = full.tobytes()
+            detection.mask = full
         detection.mask_width, detection.mask_height = width, height
 
     def warmup(self, runs: int, rng: np.random.Generator) -> None:

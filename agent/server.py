@@ -15,9 +15,8 @@ from prometheus_client import CollectorRegistry
 from . import __version__
 from .config import AgentConfig
 from .discovery import DirectoryWatcher
-from .grpc._generated import edge_agent_pb2_grpc as pb_grpc
 from .grpc.server import bind, build_server, secure_socket
-from .grpc.servicer import EdgeAgentServicer
+from .grpc.servicer import EdgeAgentServicer, add_to_server
 from .health import AgentHealth, enable_reflection
 from .inference import DetectObserver, InferenceService
 from .metrics import AgentMetrics, MetricsServer
@@ -91,7 +90,7 @@ class Agent:
 
     def start(self) -> None:
         server = build_server(self.config, self._interceptors)
-        pb_grpc.add_EdgeAgentServicer_to_server(EdgeAgentServicer(self.registry, self.inference), server)
+        add_to_server(EdgeAgentServicer(self.registry, self.inference), server)
         for add_service in self._services:
             add_service(server)
         if self.config.grpc_reflection:

@@ -17,6 +17,7 @@ from ..registry import ModelInfo, ModelRegistry
 from ._generated import edge_agent_pb2 as pb
 from ._generated import edge_agent_pb2_grpc as pb_grpc
 from .status import grpc_status
+from .wire import InlineMaskResponse, serialize_detect_response
 
 log = logging.getLogger(__name__)
 Handler = TypeVar("Handler", bound=Callable[..., Any])
@@ -60,29 +61,28 @@ def to_request(request: pb.DetectAnomaliesRequest) -> DetectRequest:
     return DetectRequest(request.model_component, bitmap.width, bitmap.height, data, shm, mask_shm)
 
 
-def to_result(detection: Detection, mask_shm: ShmHandle | None,
-              result: pb.DetectAnomalyResult | None = None) -> pb.DetectAnomalyResult:
-    """Fill `result` (a new message if None). Pass the response's own sub-message: building a separate
-    one and handing it to the response's constructor would copy it, mask bytes included."""
-    if result is None:
-        result = pb.DetectAnomalyResult()
+def to_response(detection: Detection, mask_shm: ShmHandle | None) -> pb.DetectAnomaliesResponse | InlineMaskResponse:
+    """The DetectAnomalies response. An inline mask stays out of the protobuf message (wire.py says why)."""
+    response = pb.DetectAnomaliesResponse()
+    result = response.detect_anomaly_result  # filled in place: a separate message would be copied
     result.is_anomalous = detection.is_anomalous
     result.confidence = detection.confidence
     result.anomaly_score = detection.score
     result.anomaly_threshold = detection.threshold
-    if detection.has_mask:
-        mask = result.anomaly_mask
-        mask.width, mask.height = detection.mask_width, detection.mask_height
-        if mask_shm is not None:
-            mask.shared_memory_handle.name = mask_shm.name
-            mask.shared_memory_handle.size = detection.mask_width * detection.mask_height * 3
-            mask.shared_memory_handle.offset = mask_shm.offset
-        elif detection.mask is not None:
-            mask.byte_data = detection.mask
-        for anomaly in detection.anomalies:
-            result.anomalies.add(name=anomaly.name, pixel_anomaly=pb.PixelAnomaly(
-                total_percentage_area=anomaly.area, hex_color=anomaly.color))
-    return result
+    if not detection.has_mask:
+        return response
+    for anomaly in detection.anomalies:
+        result.anomalies.add(name=anomaly.name, pixel_anomaly=pb.PixelAnomaly(
+            total_percentage_area=anomaly.area, hex_color=anomaly.color))
+    if mask_shm is None and detection.mask is not None:
+        return InlineMaskResponse(response, detection.mask, detection.mask_width, detection.mask_height)
+    mask = result.anomaly_mask
+    mask.width, mask.height = detection.mask_width, detection.mask_height
+    if mask_shm is not None:
+        mask.shared_memory_handle.name = mask_shm.name
+        mask.shared_memory_handle.size = detection.mask_width * detection.mask_height * 3
+        mask.shared_memory_handle.offset = mask_shm.offset
+    return response
 
 
 def _metadata(info: ModelInfo, cls: type) -> Any:
@@ -98,10 +98,7 @@ class EdgeAgentServicer(pb_grpc.EdgeAgentServicer):
     @_rpc
     def DetectAnomalies(self, request: pb.DetectAnomaliesRequest, context: grpc.ServicerContext) -> Any:
         req = to_request(request)
-        detection = self.inference.detect(req)
-        response = pb.DetectAnomaliesResponse()
-        to_result(detection, req.mask_shm, response.detect_anomaly_result)
-        return response
+        return to_response(self.inference.detect(req), req.mask_shm)
 
     @_rpc
     def StartModel(self, request: pb.StartModelRequest, context: grpc.ServicerContext) -> Any:
@@ -119,6 +116,27 @@ class EdgeAgentServicer(pb_grpc.EdgeAgentServicer):
     def DescribeModel(self, request: pb.DescribeModelRequest, context: grpc.ServicerContext) -> Any:
         info = self.registry.describe(_name(request.model_component))
         return pb.DescribeModelResponse(model_description=_metadata(info, pb.ModelDescription))
+
+
+def add_to_server(servicer: EdgeAgentServicer, server: grpc.Server) -> None:
+    """The generated add_EdgeAgentServicer_to_server, except that DetectAnomalies' responses go through
+    serialize_detect_response (so an InlineMaskResponse can be returned). Same service, methods, types."""
+    def unary(method: Callable[..., Any], request: Any, serialize: Callable[[Any], bytes]) -> grpc.RpcMethodHandler:
+        return grpc.unary_unary_rpc_method_handler(method, request_deserializer=request.FromString,
+                                                   response_serializer=serialize)
+
+    handlers = {
+        "DetectAnomalies": unary(servicer.DetectAnomalies, pb.DetectAnomaliesRequest, serialize_detect_response),
+        "StartModel": unary(servicer.StartModel, pb.StartModelRequest, pb.StartModelResponse.SerializeToString),
+        "StopModel": unary(servicer.StopModel, pb.StopModelRequest, pb.StopModelResponse.SerializeToString),
+        "ListModels": unary(servicer.ListModels, pb.ListModelsRequest, pb.ListModelsResponse.SerializeToString),
+        "DescribeModel": unary(servicer.DescribeModel, pb.DescribeModelRequest,
+                               pb.DescribeModelResponse.SerializeToString),
+    }
+    service = pb.DESCRIPTOR.services_by_name["EdgeAgent"]
+    assert set(handlers) == {m.name for m in service.methods}, "a method of the proto has no handler"
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)
 
 
 def _name(name: str) -> str:
