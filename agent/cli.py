@@ -33,7 +33,10 @@ def _serve(args: argparse.Namespace) -> int:
                                         ConfigSource(gg.work_path, os.environ, vars(args)))
         config = component.initial_config()
     configure(config.log_level, config.log_format)
+    from .memory import tune_malloc
     from .server import Agent
+
+    tune_malloc(config.malloc_mmap_threshold_mb)
 
     agent = Agent(config, component_models=gg is not None)
     if component is not None:

@@ -157,6 +157,13 @@ def _at_least_one(value: Any) -> int:
     return number
 
 
+def _malloc_threshold_mb(value: Any) -> int:
+    number = _non_negative(_parse_int)(value)
+    if number > 32:  # glibc's ceiling for the mmap threshold on 64-bit systems (HEAP_MAX_SIZE / 2)
+        raise ValueError(f"must be at most 32 (glibc's limit), got {value!r}")
+    return number
+
+
 def _snake(key: str) -> str:
     return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", key).lower()
 
@@ -225,6 +232,10 @@ class AgentConfig:
     stop_timeout_s: float = _setting(30.0, "StopTimeoutSeconds", "how long StopModel and shutdown wait for "
                                      "in-flight requests", _parse_positive_float, restart=False)
     grpc_workers: int = _setting(16, "GrpcWorkers", "gRPC server worker threads", _at_least_one)
+    malloc_mmap_threshold_mb: int = _setting(
+        32, "MallocMmapThresholdMB", "glibc: allocations up to this size (MiB, at most 32) are reused between "
+        "requests instead of being mmap'ed and page-faulted afresh each time; 0 = glibc's defaults",
+        _malloc_threshold_mb)
     max_message_bytes: int = _setting(64 * 1024 * 1024 + 4096, "MaxMessageBytes", "largest gRPC message "
                                       "accepted or sent (a 4096x4096 RGB image is 48 MiB)", _at_least_one)
     log_level: str = _setting("INFO", "LogLevel", "DEBUG, INFO, WARNING or ERROR", _parse_log_level,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -73,6 +74,8 @@ def test_build_serve_detect_and_sigterm(model_files, short_tmp, pb, pb_modules):
     logs = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     assert any("serving on" in entry["message"] for entry in logs)
     assert any("stopped" in entry["message"] for entry in logs)
+    if platform.libc_ver()[0] == "glibc":  # MallocMmapThresholdMB's default was applied at start
+        assert any("buffers up to 32 MiB are reused" in entry["message"] for entry in logs)
     assert not Path(f"{short_tmp}/cli.sock").exists()
 
 

@@ -49,6 +49,8 @@ def test_precedence_greengrass_env_cli():
     ("TcpListener", "localhost", "HOST:PORT"),
     ("LogFormat", "xml", "plain or json"),
     ("WarmupRuns", True, "integer"),
+    ("MallocMmapThresholdMB", 64, "at most 32"),
+    ("MallocMmapThresholdMB", -1, "must be >= 0"),
 ])
 def test_invalid_values_name_the_key(key, value, words):
     with pytest.raises(ConfigError) as info:
