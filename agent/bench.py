@@ -8,9 +8,12 @@ For every model × frame size × concurrency it measures, on the same frames:
 * ``bytes``  — a real agent (``python -m agent serve`` in a child process) over its Unix socket,
   frame in ``byte_data``, mask back inline (what every existing LFV client does);
 * ``shm``    — the same agent, frame in a client-owned POSIX shared-memory segment and the mask
-  written into a second one (``anomaly_mask_params.shared_memory_handle``).
+  written into a second one (``anomaly_mask_params.shared_memory_handle``);
+* ``grpcio-bytes`` / ``grpcio-shm`` — the same requests against :mod:`agent.bench_transport`, the
+  agent's gRPC server with no model behind it (canned answer of the same size): what grpcio alone costs.
+  ``floor + grpcio`` is the best the agent could do with this transport (the "grpcio bound").
 
-Modes of one configuration run interleaved (two rounds of floor/bytes/shm) so that drift on a noisy
+Modes of one configuration run interleaved (two rounds of all modes) so that drift on a noisy
 shared machine hits all of them alike; report ratios, absolute times are context only. Each
 configuration is bounded by a request count and a time cap. It also measures the agent's resident
 memory with no model running and the cold StartModel → RUNNING time of the small model.
@@ -43,7 +46,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 FRAMES: dict[str, tuple[int, int]] = {"640x480": (640, 480), "1920x1080": (1920, 1080), "4096x4096": (4096, 4096)}
 MODELS = ("tiny", "patchcore")
-MODES = ("floor", "bytes", "shm")
+MODES = ("floor", "bytes", "shm", "grpcio-bytes", "grpcio-shm")
 # Requests per (model, frame) and configuration, before --scale; big frames get fewer.
 REQUESTS: dict[tuple[str, str], int] = {
     ("tiny", "640x480"): 300, ("tiny", "1920x1080"): 120, ("tiny", "4096x4096"): 16,
@@ -77,6 +80,7 @@ class Report:
     results: list[Result] = field(default_factory=list)
     rss_idle_mb: float = math.nan
     rss_running_mb: float = math.nan
+    rss_after_mb: float = math.nan  # models running, after all the traffic (what buffers stay mapped)
     cold_start_s: float = math.nan
     cold_start_patchcore_s: float = math.nan
     wall_s: float = 0.0
@@ -154,6 +158,29 @@ def agent_process(work: Path, models_dir: Path, extra: list[str]) -> Iterator[tu
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=open(work / "agent.log", "wb"))
     try:
         yield proc, socket_uri
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextmanager
+def transport_process(work: Path) -> Iterator[str]:
+    """agent.bench_transport on its own socket: the grpcio-only reference."""
+    socket_uri = f"unix://{work}/transport.sock"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    proc = subprocess.Popen([sys.executable, "-m", "agent.bench_transport", "--socket", socket_uri], env=env,
+                            stdout=subprocess.DEVNULL, stderr=open(work / "transport.log", "wb"))
+    try:
+        wait_for(lambda: proc.poll() is not None or Path(socket_uri[len("unix://"):]).exists(), 30,
+                 "the transport reference server")
+        if proc.poll() is not None:
+            raise RuntimeError(f"transport server exited: {(work / 'transport.log').read_text()[-2000:]}")
+        yield socket_uri
     finally:
         proc.terminate()
         try:
@@ -254,8 +281,8 @@ def _caller(stub: Any, request: Any) -> Callable[[], Any]:
 class Clients:
     """Per-client callables for one (model, frame, clients): floor threads, byte_data and shm stubs."""
 
-    def __init__(self, stack: ExitStack, socket_uri: str, predictor: Any, model: str, frame: np.ndarray,
-                 clients: int, tag: str) -> None:
+    def __init__(self, stack: ExitStack, socket_uri: str, transport_uri: str, predictor: Any, model: str,
+                 frame: np.ndarray, clients: int, tag: str) -> None:
         from .client import channel, shm_segment
         from .grpc._generated import edge_agent_pb2 as pb
         from .grpc._generated import edge_agent_pb2_grpc as pb_grpc
@@ -265,8 +292,11 @@ class Clients:
         self.floor = [lambda: predictor.predict(frame) for _ in range(clients)]
         self.bytes: list[Callable[[], Any]] = []
         self.shm: list[Callable[[], Any]] = []
+        self.grpcio_bytes: list[Callable[[], Any]] = []
+        self.grpcio_shm: list[Callable[[], Any]] = []
         for i in range(clients):
             stub = pb_grpc.EdgeAgentStub(stack.enter_context(channel(socket_uri)))
+            reference = pb_grpc.EdgeAgentStub(stack.enter_context(channel(transport_uri)))
             inline = pb.DetectAnomaliesRequest(model_component=model, bitmap=pb.Bitmap(
                 width=width, height=height, byte_data=frame.tobytes()))
             base = f"/edge-agent-bench-{os.getpid()}-{tag}-{i}"
@@ -281,9 +311,14 @@ class Clients:
                     name=base + "-mask", size=nbytes, offset=0)))
             self.bytes.append(_caller(stub, inline))
             self.shm.append(_caller(stub, via_shm))
+            self.grpcio_bytes.append(_caller(reference, inline))
+            self.grpcio_shm.append(_caller(reference, via_shm))
+
+    def calls(self, mode: str) -> list[Callable[[], Any]]:
+        return getattr(self, mode.replace("-", "_"))  # type: ignore[no-any-return]
 
     def warm(self) -> None:
-        for calls in (self.floor, self.bytes, self.shm):
+        for calls in (self.floor, self.bytes, self.shm, self.grpcio_bytes, self.grpcio_shm):
             for call in calls:
                 call()
 
@@ -323,7 +358,8 @@ def run_bench(out_dir: Path, *, models: tuple[str, ...] = MODELS, frames: tuple[
         for flag, value in zip(flags[::2], flags[1::2], strict=False):
             cli[flag.lstrip("-").replace("-", "_")] = value
         runtime = onnx_runtime(AgentConfig.from_sources(cli=cli))
-        with agent_process(work, models_dir, flags) as (proc, socket_uri), ExitStack() as stack:
+        with agent_process(work, models_dir, flags) as (proc, socket_uri), transport_process(work) as transport_uri, \
+                ExitStack() as stack:
             from .client import channel
 
             stub = pb_grpc.EdgeAgentStub(stack.enter_context(channel(socket_uri)))
@@ -350,14 +386,14 @@ def run_bench(out_dir: Path, *, models: tuple[str, ...] = MODELS, frames: tuple[
                     total = max(2, int(REQUESTS[(model, frame_name)] * scale))
                     for clients in concurrency:
                         with ExitStack() as cstack:
-                            calls = Clients(cstack, socket_uri, predictor, model, frame, clients,
+                            calls = Clients(cstack, socket_uri, transport_uri, predictor, model, frame, clients,
                                             f"{model}-{frame_name}-{clients}")
                             calls.warm()
                             pooled: dict[str, tuple[list[float], float, bool]] = {m: ([], 0.0, False) for m in MODES}
                             per_round = max(1, math.ceil(total / rounds))
                             for _ in range(rounds):
                                 for mode in MODES:
-                                    lat, wall, capped = measure(getattr(calls, mode), per_round, cap_s / rounds)
+                                    lat, wall, capped = measure(calls.calls(mode), per_round, cap_s / rounds)
                                     acc = pooled[mode]
                                     pooled[mode] = (acc[0] + lat, acc[1] + wall, acc[2] or capped)
                             rows = [summarise(model, frame_name, m, clients, *pooled[m]) for m in MODES]
@@ -371,6 +407,8 @@ def run_bench(out_dir: Path, *, models: tuple[str, ...] = MODELS, frames: tuple[
                             f"{r.mode} p50 {r.p50_ms:8.2f} ms ({r.ratio_p50:.2f}x) {r.throughput:7.1f}/s"
                             for r in rows))
                 predictor.session.unload()
+            report.rss_after_mb = rss_mb(proc.pid)
+            log(f"agent RSS after the traffic: {report.rss_after_mb:.1f} MB")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report.wall_s = time.perf_counter() - started
@@ -387,30 +425,44 @@ def _find(report: Report, model: str, frame: str, mode: str, clients: int) -> Re
     return None
 
 
-def targets(report: Report) -> list[tuple[str, str, float, float, bool]]:
-    """(target, comparison, value, limit, met) for each target the run has data for."""
-    out: list[tuple[str, str, float, float, bool]] = []
+def targets(report: Report) -> list[tuple[str, str, float, float, bool, float]]:
+    """(target, comparison, value, limit, met, grpcio bound) for each target the run has data for.
 
-    def add(what: str, value: float, limit: float, higher_is_better: bool = False) -> None:
+    The bound is the ratio the agent would reach if it added nothing but the plain grpcio server's cost
+    (the grpcio-* rows) to the floor: 1 + grpcio/floor for latency; for throughput, where the transport's
+    CPU and the model's share the same cores, 1 / (1 + floor/grpcio)."""
+    out: list[tuple[str, str, float, float, bool, float]] = []
+
+    def add(what: str, value: float, limit: float, bound: float = math.nan, higher_is_better: bool = False) -> None:
         if math.isnan(value):
             return
         met = value >= limit if higher_is_better else value <= limit
-        out.append((what, "≥" if higher_is_better else "≤", value, limit, met))
+        out.append((what, "≥" if higher_is_better else "≤", value, limit, met, bound))
+
+    def latency_bound(model: str, frame: str, mode: str, clients: int) -> float:
+        ref = _find(report, model, frame, f"grpcio-{mode}", clients)
+        return 1.0 + ref.ratio_p50 if ref else math.nan
+
+    def throughput_bound(model: str, frame: str, mode: str, clients: int) -> float:
+        ref = _find(report, model, frame, f"grpcio-{mode}", clients)
+        return ref.ratio_throughput / (1.0 + ref.ratio_throughput) if ref else math.nan
 
     for mode, key in (("bytes", "bytes_p50"), ("shm", "shm_p50")):
         r = _find(report, "tiny", "640x480", mode, 1)
         if r:
-            add(f"p50 agent/floor, {mode}, 640x480, tiny, 1 client", r.ratio_p50, TARGETS[key])
+            add(f"p50 agent/floor, {mode}, 640x480, tiny, 1 client", r.ratio_p50, TARGETS[key],
+                latency_bound("tiny", "640x480", mode, 1))
     for model in MODELS:
         for mode in ("bytes", "shm"):
             r = _find(report, model, "640x480", mode, 4)
             if r:
                 add(f"throughput agent/floor, {mode}, 640x480, {model}, 4 clients", r.ratio_throughput,
-                    TARGETS["throughput_4"], higher_is_better=True)
+                    TARGETS["throughput_4"], throughput_bound(model, "640x480", mode, 4), higher_is_better=True)
     for model in MODELS:
         r = _find(report, model, "4096x4096", "shm", 1)
         if r:
-            add(f"p50 agent/floor, shm, 4096x4096, {model}, 1 client", r.ratio_p50, TARGETS["shm_4096_p50"])
+            add(f"p50 agent/floor, shm, 4096x4096, {model}, 1 client", r.ratio_p50, TARGETS["shm_4096_p50"],
+                latency_bound(model, "4096x4096", "shm", 1))
     add("agent RSS with no model running (MB)", report.rss_idle_mb, TARGETS["rss_mb"])
     add("cold StartModel → RUNNING, tiny (s)", report.cold_start_s, TARGETS["cold_start_s"])
     return out
@@ -425,10 +477,12 @@ def markdown(report: Report) -> str:
         "(pre-processing + ONNX Runtime session with the agent's runtime options + post-processing incl. mask "
         "rendering) called in-process from N threads; **bytes** = the agent (`edge-agent serve` in its own "
         "process) over its Unix socket, frame in `byte_data`, mask back inline; **shm** = frame in a client "
-        "POSIX shared-memory segment, mask written into a second one. Clients are threads of the benchmark "
-        "process, one channel each, requests built once. The modes of one row group run interleaved "
-        f"({report.settings['rounds']} rounds), so the ratios come from the same minutes of a shared machine: "
-        "**read the ratios; absolute times are context only.**",
+        "POSIX shared-memory segment, mask written into a second one; **grpcio-bytes / grpcio-shm** = the same "
+        "requests to the agent's gRPC server with no model behind it (`agent.bench_transport`: parses the "
+        "request, answers with a canned result of the same size), i.e. the transport alone. Clients are "
+        "threads of the benchmark process, one channel each, requests built once. The modes of one row group "
+        f"run interleaved ({report.settings['rounds']} rounds), so the ratios come from the same minutes of a "
+        "shared machine: **read the ratios; absolute times are context only.**",
         "",
         f"Machine: {m['cpu']}, {m['usable_cores']} usable cores ({m['cores']} online), {m['memory']}, "
         f"{m['os']}; Python {m['python']}, onnxruntime {m['onnxruntime']} (CPU EP), grpcio {m['grpcio']}, "
@@ -443,11 +497,16 @@ def markdown(report: Report) -> str:
         "",
         "## Targets",
         "",
-        "| target | value | limit | met |",
-        "|---|---|---|---|",
+        "`grpcio bound` = the ratio the agent would reach if it added only what the plain grpcio server "
+        "(`grpcio-*` rows) costs to the floor: what no Python-side work in the agent can beat with this "
+        "transport.",
+        "",
+        "| target | value | limit | met | grpcio bound |",
+        "|---|---|---|---|---|",
     ]
-    for what, op, value, limit, met in targets(report):
-        lines.append(f"| {what} | {value:.3g} | {op} {limit:g} | {'yes' if met else '**no**'} |")
+    for what, op, value, limit, met, bound in targets(report):
+        shown = "—" if math.isnan(bound) else f"{bound:.3g}"
+        lines.append(f"| {what} | {value:.3g} | {op} {limit:g} | {'yes' if met else '**no**'} | {shown} |")
     lines += [
         "",
         "## Results",
@@ -470,8 +529,9 @@ def markdown(report: Report) -> str:
         "48 MiB per request and get a 48 MiB mask back inline (the client channel allows 64 MiB).",
         "",
         f"Agent resident memory, models known but none running: **{report.rss_idle_mb:.0f} MB**; with all "
-        f"benchmark models running: {report.rss_running_mb:.0f} MB. Cold StartModel → RUNNING (polling "
-        f"DescribeModel, includes loading ONNX Runtime, the session and the warm-up runs): tiny "
+        f"benchmark models running: {report.rss_running_mb:.0f} MB, and {report.rss_after_mb:.0f} MB after "
+        f"all the traffic above (frame-size buffers kept for reuse: `MallocMmapThresholdMB`). Cold StartModel → "
+        f"RUNNING (polling DescribeModel, includes loading ONNX Runtime, the session and the warm-up runs): tiny "
         f"**{report.cold_start_s:.2f} s**, patchcore {report.cold_start_patchcore_s:.2f} s.",
         "",
     ]
@@ -496,7 +556,7 @@ measures, and writes `benchmarks.md`, `benchmarks.json` and `benchmarks.png` (th
 def write_report(report: Report, out_dir: Path, *, plot: bool = True, notes: str | None = None) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     data = asdict(report)
-    data["targets"] = [dict(zip(("target", "op", "value", "limit", "met"), t, strict=True))
+    data["targets"] = [dict(zip(("target", "op", "value", "limit", "met", "grpcio_bound"), t, strict=True))
                        for t in targets(report)]
     (out_dir / "benchmarks.json").write_text(json.dumps(data, indent=1, allow_nan=True) + "\n")
     notes_file = out_dir / "benchmarks-notes.md"
@@ -519,17 +579,18 @@ def _plot(report: Report, path: Path) -> bool:
     if not models:
         return False
     fig, axes = plt.subplots(1, len(models), figsize=(7 * len(models), 4.6), squeeze=False)
-    colors = {"floor": "#777777", "bytes": "#1f77b4", "shm": "#2ca02c"}
+    colors = {"floor": "#777777", "bytes": "#1f77b4", "shm": "#2ca02c", "grpcio-bytes": "#aec7e8",
+              "grpcio-shm": "#98df8a"}
     for ax, model in zip(axes[0], models, strict=True):
         groups = sorted({(r.frame, r.clients) for r in report.results if r.model == model},
                         key=lambda g: (list(FRAMES).index(g[0]), g[1]))
-        width = 0.27
+        width = 0.8 / len(MODES)
         for k, mode in enumerate(MODES):
             xs, p50, p99 = [], [], []
             for i, (frame, clients) in enumerate(groups):
                 r = _find(report, model, frame, mode, clients)
                 if r:
-                    xs.append(i + (k - 1) * width)
+                    xs.append(i + (k - (len(MODES) - 1) / 2) * width)
                     p50.append(r.p50_ms)
                     p99.append(r.p99_ms)
             ax.bar(xs, p50, width, label=f"{mode} p50", color=colors[mode])
@@ -538,7 +599,7 @@ def _plot(report: Report, path: Path) -> bool:
         ax.set_xticklabels([f"{f}\n{c} client{'s' if c > 1 else ''}" for f, c in groups], fontsize=8)
         ax.set_yscale("log")
         ax.set_ylabel("latency per request, ms (log)")
-        ax.set_title(f"{model}: floor (in-process) vs agent (byte_data, shm)")
+        ax.set_title(f"{model}: floor (in-process), agent (byte_data, shm), grpcio alone")
         ax.grid(axis="y", which="both", alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(f"edge-agent benchmark — {report.machine['cpu']}, {report.machine['usable_cores']} cores",

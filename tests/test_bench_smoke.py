@@ -26,13 +26,17 @@ def test_bench_writes_a_well_formed_report(tmp_path: Path) -> None:
         assert math.isfinite(r.ratio_p50) and math.isfinite(r.ratio_throughput)
         if r.mode == "floor":
             assert r.ratio_p50 == 1.0
-    assert report.rss_idle_mb > 0 and report.cold_start_s > 0
+    assert report.rss_idle_mb > 0 and report.cold_start_s > 0 and report.rss_after_mb > 0
+    bounds = {t[0]: t[5] for t in bench.targets(report)}
+    # every agent/floor latency target is shown next to its grpcio-only bound, which is above 1
+    assert bounds["p50 agent/floor, shm, 640x480, tiny, 1 client"] > 1.0
+    assert "| grpcio-shm |" in (tmp_path / "benchmarks.md").read_text()
 
     md = (tmp_path / "benchmarks.md").read_text()
     assert "## Targets" in md and "## Results" in md and "## How to run" in md
     assert "| tiny | 640x480 | 1 | bytes |" in md and report.machine["cpu"] in md
     data = json.loads((tmp_path / "benchmarks.json").read_text())
-    assert len(data["results"]) == 12 and data["machine"]["onnxruntime"]
+    assert len(data["results"]) == 2 * 2 * len(bench.MODES) and data["machine"]["onnxruntime"]
     assert {t["target"] for t in data["targets"]} >= {"agent RSS with no model running (MB)"}
     pytest.importorskip("matplotlib")
     png = tmp_path / "benchmarks.png"
