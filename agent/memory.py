@@ -9,11 +9,13 @@ depends on the order of earlier frees), so the agent's speed depended on its all
 start to the next (docs/benchmarks-notes.md). A fixed threshold above the frame size, with a trim
 threshold above that, makes the freed buffers reusable by the next request.
 
-The cost is memory that stays mapped after a burst: up to about `2 x threshold` per malloc arena above
-what is in use, and the agent's gRPC threads use many arenas. Measured after the benchmark's traffic:
-the default of 8 MiB (covers 640x480 and 1080p frames) kept the same RSS as glibc's defaults (291 vs
-298 MB after 640x480 + 1080p traffic), while 32 MiB kept 1,152 MB against 737 MB once 4096x4096 frames
-were sent inline. Set MallocMmapThresholdMB 0 to keep glibc's defaults.
+Memory: freed memory up to about `2 x threshold` per malloc arena stays mapped, and the agent's gRPC
+threads use many arenas, so the threshold is kept small. The default of 8 MiB covers 640x480 and 1080p
+frames and, because it also stops glibc's dynamic thresholds from growing to 32/64 MiB, keeps *less*
+than glibc's defaults: 4 clients sending 4096x4096, 1080p and 640x480 frames inline left the agent at
+245-252 MB against 733-795 MB with glibc's defaults (a plateau in both cases, not growth); the full
+benchmark ended at 1,152 MB against 1,449 MB. 32 MiB kept 1,152 MB against 737 MB on a smaller run.
+Set MallocMmapThresholdMB 0 to keep glibc's defaults.
 """
 
 from __future__ import annotations
