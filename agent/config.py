@@ -233,9 +233,9 @@ class AgentConfig:
                                      "in-flight requests", _parse_positive_float, restart=False)
     grpc_workers: int = _setting(16, "GrpcWorkers", "gRPC server worker threads", _at_least_one)
     malloc_mmap_threshold_mb: int = _setting(
-        8, "MallocMmapThresholdMB", "glibc: buffers up to this size (MiB, at most 32; 8 covers 1080p RGB frames) "
-        "are reused between requests instead of being mmap'ed and page-faulted afresh each time; 0 = glibc's "
-        "defaults",
+        17, "MallocMmapThresholdMB", "glibc: buffers up to this size (MiB, at most 32; 17 covers 1080p RGB frames "
+        "and Pillow's 16 MiB image blocks) are reused between requests instead of being mmap'ed and "
+        "page-faulted afresh each time; 0 = glibc's defaults",
         _malloc_threshold_mb)
     max_message_bytes: int = _setting(64 * 1024 * 1024 + 4096, "MaxMessageBytes", "largest gRPC message "
                                       "accepted or sent (a 4096x4096 RGB image is 48 MiB)", _at_least_one)

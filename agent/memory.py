@@ -9,13 +9,16 @@ depends on the order of earlier frees), so the agent's speed depended on its all
 start to the next (docs/benchmarks-notes.md). A fixed threshold above the frame size, with a trim
 threshold above that, makes the freed buffers reusable by the next request.
 
+Why 17 MiB: it covers 640x480 and 1080p frames and Pillow's image memory, which comes in blocks of
+16 MiB (a 4096x4096 frame is four of them while it is resized). At 8 MiB those blocks were mmap'ed afresh
+on every request: 16,388 page faults per 4096x4096 shm request and 2.2x the p50 of the untuned agent;
+at 17 MiB 0.3 faults and 0.75x (A/B, side by side).
+
 Memory: freed memory up to about `2 x threshold` per malloc arena stays mapped, and the agent's gRPC
-threads use many arenas, so the threshold is kept small. The default of 8 MiB covers 640x480 and 1080p
-frames and, because it also stops glibc's dynamic thresholds from growing to 32/64 MiB, keeps *less*
-than glibc's defaults: 4 clients sending 4096x4096, 1080p and 640x480 frames inline left the agent at
-245-252 MB against 733-795 MB with glibc's defaults (a plateau in both cases, not growth); the full
-benchmark ended at 1,152 MB against 1,449 MB. 32 MiB kept 1,152 MB against 737 MB on a smaller run.
-Set MallocMmapThresholdMB 0 to keep glibc's defaults.
+threads use several arenas. Measured with 4 clients sending 4096x4096, 1080p and 640x480 frames inline
+(a plateau in every case, not growth): 618-681 MB at 17 MiB, 245-252 MB at 8 MiB, 733-795 MB with
+glibc's defaults, whose dynamic threshold climbs to 32 MiB by itself. Set MallocMmapThresholdMB 0 to
+keep glibc's defaults, or lower it where memory matters more than big-frame speed.
 """
 
 from __future__ import annotations

@@ -75,7 +75,7 @@ def test_build_serve_detect_and_sigterm(model_files, short_tmp, pb, pb_modules):
     assert any("serving on" in entry["message"] for entry in logs)
     assert any("stopped" in entry["message"] for entry in logs)
     if platform.libc_ver()[0] == "glibc":  # MallocMmapThresholdMB's default was applied at start
-        assert any("buffers up to 8 MiB are reused" in entry["message"] for entry in logs)
+        assert any("buffers up to 17 MiB are reused" in entry["message"] for entry in logs)
     assert not Path(f"{short_tmp}/cli.sock").exists()
 
 

@@ -45,6 +45,6 @@ def test_zero_leaves_the_allocator_alone() -> None:
 @glibc
 def test_frame_size_buffers_come_from_the_heap_once_tuned() -> None:
     assert _probe(0) == "False False"  # glibc's default: a fresh mmap for every 6.2 MB buffer
-    assert _probe(8) == "True True"  # the default
+    assert _probe(17) == "True True"  # the default
     assert _probe(32) == "True True"
     assert _probe(4) == "True False"  # a threshold below the buffer's size changes nothing for it
