@@ -147,24 +147,31 @@ def rss_mb(pid: int) -> float:
 
 # -- the agent under test --------------------------------------------------------------------------
 
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 @contextmanager
-def agent_process(work: Path, models_dir: Path, extra: list[str]) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
-    socket_uri = f"unix://{work}/agent.sock"
+def agent_process(work: Path, models_dir: Path, extra: list[str], *, tree: Path = ROOT,
+                  tag: str = "agent") -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """`python -m agent serve` from source tree `tree` (this one by default) on {work}/{tag}.sock."""
+    socket_uri = f"unix://{work}/{tag}.sock"
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    env["PYTHONPATH"] = os.pathsep.join([str(tree), *filter(None, [env.get("PYTHONPATH")])])
     cmd = [sys.executable, "-m", "agent", "serve", "--socket", socket_uri, "--models-dir", str(models_dir),
-           "--work-dir", str(work / "state"), "--execution-providers", "cpu", "--metrics-port", "-1",
+           "--work-dir", str(work / f"state-{tag}"), "--execution-providers", "cpu", "--metrics-port", "-1",
            "--log-level", "WARNING", "--model-scan-interval-seconds", "0.2", *extra]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=open(work / "agent.log", "wb"))
+    proc = subprocess.Popen(cmd, cwd=tree, env=env, stdout=subprocess.DEVNULL,
+                            stderr=open(work / f"{tag}.log", "wb"))
     try:
         yield proc, socket_uri
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        _stop(proc)
 
 
 @contextmanager
@@ -182,12 +189,7 @@ def transport_process(work: Path) -> Iterator[str]:
             raise RuntimeError(f"transport server exited: {(work / 'transport.log').read_text()[-2000:]}")
         yield socket_uri
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        _stop(proc)
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float, what: str, poll: float = 0.005) -> None:
@@ -550,6 +552,16 @@ It builds the models with `agent.modelgen`, starts `python -m agent serve` on a 
 measures, and writes `benchmarks.md`, `benchmarks.json` and `benchmarks.png` (the plot needs matplotlib:
 `pip install -e .[bench]`). A full run takes a few minutes on 2 cores. It is not part of the CI suite
 (`tests/test_bench_smoke.py` runs it with tiny counts under `-m slow` and checks only the report's shape).
+
+For one change, compare two builds side by side instead of two benchmark runs (whose drift on a shared
+machine is often larger than the change): `edge-agent bench-ab` runs the working tree and a git revision
+(checked out into a temporary worktree) at once, alternates blocks of requests between them (ABBA), and
+reports p50/p90, page faults and CPU ticks per request of each agent:
+
+```
+.venv/bin/edge-agent bench-ab --rev HEAD~1 --frame 1920x1080 --mode bytes [--blocks 20]
+.venv/bin/edge-agent bench-ab --candidate-arg=--malloc-mmap-threshold-mb --candidate-arg=0   # a setting
+```
 """
 
 

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import __version__, bench, client, status
+from . import __version__, bench, bench_ab, client, status
 from .config import AgentConfig
 from .errors import AgentError
 from .logs import configure
@@ -116,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     client.register(sub)
     bench.register(sub)
+    bench_ab.register(sub)
     status.register(sub)
     from .packaging import cli as packaging_cli  # registry, model packaging jobs, deploy (docs/packaging.md)
 

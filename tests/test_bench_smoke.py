@@ -49,3 +49,27 @@ def test_bench_cli_is_registered() -> None:
     args = build_parser().parse_args(["bench", "--models", "tiny", "--frames", "640x480", "--clients", "1",
                                       "--scale", "0.1", "--out", "/tmp/x"])
     assert args.func is bench.run and args.models == ("tiny",) and args.clients == (1,)
+
+
+def test_bench_ab_runs_two_builds_side_by_side() -> None:
+    from agent import bench_ab
+
+    lines: list[str] = []
+    with bench_ab.baseline_tree("HEAD") as baseline:
+        assert (baseline / "agent" / "__init__.py").is_file()
+        a, b = bench_ab.run_ab(baseline, bench.ROOT, frame="640x480", mode="shm", blocks=2, per_block=3,
+                               candidate_args=("--malloc-mmap-threshold-mb", "0"), log=lines.append)
+    assert not baseline.exists()  # the worktree is removed again
+    for side in (a, b):
+        assert 0 < side.p50_ms <= side.p90_ms
+        assert side.faults_per_request >= 0 and side.cpu_ticks_per_request >= 0
+    assert (a.label, b.label) == ("baseline", "candidate")
+    assert lines[-1].startswith("candidate / baseline: p50 ")
+
+
+def test_bench_ab_cli_is_registered() -> None:
+    from agent import bench_ab
+    from agent.cli import build_parser
+
+    args = build_parser().parse_args(["bench-ab", "--rev", "HEAD~1", "--mode", "shm", "--frame", "1920x1080"])
+    assert args.func is bench_ab.run and args.rev == "HEAD~1" and args.mode == "shm"
