@@ -147,6 +147,13 @@ def rss_mb(pid: int) -> float:
 
 # -- the agent under test --------------------------------------------------------------------------
 
+def _child_env(tree: Path) -> dict[str, str]:
+    """This environment, with `tree` first on PYTHONPATH: the child imports that tree's `agent`."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(tree), *filter(None, [env.get("PYTHONPATH")])])
+    return env
+
+
 def _stop(proc: subprocess.Popen[bytes]) -> None:
     proc.terminate()
     try:
@@ -161,12 +168,10 @@ def agent_process(work: Path, models_dir: Path, extra: list[str], *, tree: Path 
                   tag: str = "agent") -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     """`python -m agent serve` from source tree `tree` (this one by default) on {work}/{tag}.sock."""
     socket_uri = f"unix://{work}/{tag}.sock"
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(tree), *filter(None, [env.get("PYTHONPATH")])])
     cmd = [sys.executable, "-m", "agent", "serve", "--socket", socket_uri, "--models-dir", str(models_dir),
            "--work-dir", str(work / f"state-{tag}"), "--execution-providers", "cpu", "--metrics-port", "-1",
            "--log-level", "WARNING", "--model-scan-interval-seconds", "0.2", *extra]
-    proc = subprocess.Popen(cmd, cwd=tree, env=env, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(cmd, cwd=tree, env=_child_env(tree), stdout=subprocess.DEVNULL,
                             stderr=open(work / f"{tag}.log", "wb"))
     try:
         yield proc, socket_uri
@@ -178,9 +183,8 @@ def agent_process(work: Path, models_dir: Path, extra: list[str], *, tree: Path 
 def transport_process(work: Path) -> Iterator[str]:
     """agent.bench_transport on its own socket: the grpcio-only reference."""
     socket_uri = f"unix://{work}/transport.sock"
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
-    proc = subprocess.Popen([sys.executable, "-m", "agent.bench_transport", "--socket", socket_uri], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "agent.bench_transport", "--socket", socket_uri],
+                            env=_child_env(ROOT),
                             stdout=subprocess.DEVNULL, stderr=open(work / "transport.log", "wb"))
     try:
         wait_for(lambda: proc.poll() is not None or Path(socket_uri[len("unix://"):]).exists(), 30,
@@ -276,6 +280,27 @@ def measure(calls: list[Callable[[], Any]], total: int, cap_s: float) -> tuple[l
     return latencies, wall, remaining[0] > 0
 
 
+def detect_requests(stack: ExitStack, model: str, frame: np.ndarray, base: str) -> tuple[Any, Any]:
+    """The two DetectAnomalies requests for `frame`: byte_data, and shared memory (the frame copied into
+    segment `{base}-in`, the mask into `{base}-mask`; both live as long as `stack`)."""
+    from .client import shm_segment
+    from .grpc._generated import edge_agent_pb2 as pb
+
+    height, width = frame.shape[:2]
+    nbytes = frame.nbytes
+    inline = pb.DetectAnomaliesRequest(model_component=model, bitmap=pb.Bitmap(
+        width=width, height=height, byte_data=frame.tobytes()))
+    stack.enter_context(shm_segment(base + "-in", nbytes))[:] = frame.tobytes()
+    stack.enter_context(shm_segment(base + "-mask", nbytes))
+    via_shm = pb.DetectAnomaliesRequest(
+        model_component=model,
+        bitmap=pb.Bitmap(width=width, height=height, shared_memory_handle=pb.SharedMemoryHandle(
+            name=base + "-in", size=nbytes, offset=0)),
+        anomaly_mask_params=pb.AnomalyMaskParams(shared_memory_handle=pb.SharedMemoryHandle(
+            name=base + "-mask", size=nbytes, offset=0)))
+    return inline, via_shm
+
+
 def _caller(stub: Any, request: Any) -> Callable[[], Any]:
     return lambda: stub.DetectAnomalies(request, timeout=300)
 
@@ -285,12 +310,9 @@ class Clients:
 
     def __init__(self, stack: ExitStack, socket_uri: str, transport_uri: str, predictor: Any, model: str,
                  frame: np.ndarray, clients: int, tag: str) -> None:
-        from .client import channel, shm_segment
-        from .grpc._generated import edge_agent_pb2 as pb
+        from .client import channel
         from .grpc._generated import edge_agent_pb2_grpc as pb_grpc
 
-        height, width = frame.shape[:2]
-        nbytes = frame.nbytes
         self.floor = [lambda: predictor.predict(frame) for _ in range(clients)]
         self.bytes: list[Callable[[], Any]] = []
         self.shm: list[Callable[[], Any]] = []
@@ -299,18 +321,7 @@ class Clients:
         for i in range(clients):
             stub = pb_grpc.EdgeAgentStub(stack.enter_context(channel(socket_uri)))
             reference = pb_grpc.EdgeAgentStub(stack.enter_context(channel(transport_uri)))
-            inline = pb.DetectAnomaliesRequest(model_component=model, bitmap=pb.Bitmap(
-                width=width, height=height, byte_data=frame.tobytes()))
-            base = f"/edge-agent-bench-{os.getpid()}-{tag}-{i}"
-            seg = stack.enter_context(shm_segment(base + "-in", nbytes))
-            stack.enter_context(shm_segment(base + "-mask", nbytes))
-            seg[:] = frame.tobytes()
-            via_shm = pb.DetectAnomaliesRequest(
-                model_component=model,
-                bitmap=pb.Bitmap(width=width, height=height, shared_memory_handle=pb.SharedMemoryHandle(
-                    name=base + "-in", size=nbytes, offset=0)),
-                anomaly_mask_params=pb.AnomalyMaskParams(shared_memory_handle=pb.SharedMemoryHandle(
-                    name=base + "-mask", size=nbytes, offset=0)))
+            inline, via_shm = detect_requests(stack, model, frame, f"/edge-agent-bench-{os.getpid()}-{tag}-{i}")
             self.bytes.append(_caller(stub, inline))
             self.shm.append(_caller(stub, via_shm))
             self.grpcio_bytes.append(_caller(reference, inline))

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from .bench import FRAMES, ROOT, agent_process, build_models, make_frame, start_model, wait_ready
+from .bench import FRAMES, ROOT, agent_process, build_models, detect_requests, make_frame, start_model, wait_ready
 
 
 @dataclass
@@ -61,7 +61,7 @@ def baseline_tree(rev: str) -> Iterator[Path]:
 def run_ab(baseline: Path, candidate: Path, *, model: str = "tiny", frame: str = "640x480", mode: str = "bytes",
            blocks: int = 20, per_block: int = 25, baseline_args: tuple[str, ...] = (),
            candidate_args: tuple[str, ...] = (), log: Callable[[str], None] = print) -> tuple[Side, Side]:
-    from .client import channel, shm_segment
+    from .client import channel
     from .grpc._generated import edge_agent_pb2 as pb
     from .grpc._generated import edge_agent_pb2_grpc as pb_grpc
 
@@ -81,19 +81,8 @@ def run_ab(baseline: Path, candidate: Path, *, model: str = "tiny", frame: str =
                 start_model(stub, pb, model)
                 procs.append(proc)
                 stubs.append(stub)
-            if mode == "bytes":
-                request = pb.DetectAnomaliesRequest(model_component=model, bitmap=pb.Bitmap(
-                    width=width, height=height, byte_data=image.tobytes()))
-            else:
-                base = f"/edge-agent-ab-{os.getpid()}"
-                stack.enter_context(shm_segment(base + "-in", image.nbytes))[:] = image.tobytes()
-                stack.enter_context(shm_segment(base + "-mask", image.nbytes))
-                request = pb.DetectAnomaliesRequest(
-                    model_component=model,
-                    bitmap=pb.Bitmap(width=width, height=height, shared_memory_handle=pb.SharedMemoryHandle(
-                        name=base + "-in", size=image.nbytes)),
-                    anomaly_mask_params=pb.AnomalyMaskParams(shared_memory_handle=pb.SharedMemoryHandle(
-                        name=base + "-mask", size=image.nbytes)))
+            inline, via_shm = detect_requests(stack, model, image, f"/edge-agent-ab-{os.getpid()}")
+            request = inline if mode == "bytes" else via_shm
             for stub in stubs:
                 for _ in range(5):
                     stub.DetectAnomalies(request, timeout=300)

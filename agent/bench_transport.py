@@ -43,7 +43,7 @@ class TransportOnlyServicer(EdgeAgentServicer):
             _ = bitmap.byte_data  # the agent reads the frame out of the message: so does this
             mask = self._masks.get((width, height))
             if mask is None:
-                mask = self._masks.setdefault((width, height), np.zeros((height, width, 3), dtype=np.uint8))
+                mask = self._masks[width, height] = np.zeros((height, width, 3), dtype=np.uint8)
             return InlineMaskResponse(response, mask, width, height)
         handle = result.anomaly_mask.shared_memory_handle
         handle.CopyFrom(request.anomaly_mask_params.shared_memory_handle)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .memory import MAX_MMAP_THRESHOLD_MB
 
 DEFAULT_SOCKET = "unix:///tmp/aws.iot.lookoutvision.EdgeAgent.sock"
 #: Triton's metrics port, so dashboards and firewall rules written for Triton carry over.
@@ -159,8 +160,8 @@ def _at_least_one(value: Any) -> int:
 
 def _malloc_threshold_mb(value: Any) -> int:
     number = _non_negative(_parse_int)(value)
-    if number > 32:  # glibc's ceiling for the mmap threshold on 64-bit systems (HEAP_MAX_SIZE / 2)
-        raise ValueError(f"must be at most 32 (glibc's limit), got {value!r}")
+    if number > MAX_MMAP_THRESHOLD_MB:
+        raise ValueError(f"must be at most {MAX_MMAP_THRESHOLD_MB} (glibc's limit), got {value!r}")
     return number
 
 

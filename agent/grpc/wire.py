@@ -55,12 +55,13 @@ class InlineMaskResponse:
 
     def SerializeToString(self) -> bytes:  # noqa: N802 - the protobuf method name grpc expects
         data = self.mask.data.cast("B")
+        data_header = _header(_BYTE_DATA, data.nbytes)
         mask_head = pb.Bitmap(width=self.width, height=self.height).SerializeToString()
-        mask_len = len(mask_head) + len(_header(_BYTE_DATA, data.nbytes)) + data.nbytes
+        mask_len = len(mask_head) + len(data_header) + data.nbytes
+        mask_header = _header(_MASK, mask_len)
         result_head = self.response.detect_anomaly_result.SerializeToString()
-        result_len = len(result_head) + len(_header(_MASK, mask_len)) + mask_len
-        return b"".join((_header(_RESULT, result_len), result_head, _header(_MASK, mask_len), mask_head,
-                         _header(_BYTE_DATA, data.nbytes), data))
+        result_len = len(result_head) + len(mask_header) + mask_len
+        return b"".join((_header(_RESULT, result_len), result_head, mask_header, mask_head, data_header, data))
 
     def to_message(self) -> pb.DetectAnomaliesResponse:
         """The same response as a protobuf message (copies the mask: for tests and in-process callers)."""
