@@ -16,10 +16,9 @@ import grpc
 import numpy as np
 from PIL import Image
 
-from .config import DEFAULT_SOCKET
-from .grpc._generated import edge_agent_pb2 as pb
-from .grpc._generated import edge_agent_pb2_grpc as pb_grpc
-from .image import SHM_DIR
+from agent.core.frames import SHM_DIR
+from agent.serving.grpc._generated import edge_agent_pb2 as pb
+from agent.serving.grpc._generated import edge_agent_pb2_grpc as pb_grpc
 
 
 @contextmanager
@@ -95,18 +94,6 @@ def overlay(image: np.ndarray, mask: np.ndarray | None, alpha: float = 0.55) -> 
     hit = np.any(mask != 255, axis=2)
     blended[hit] = (1 - alpha) * blended[hit] + alpha * mask[hit].astype(np.float32)
     return Image.fromarray(blended.clip(0, 255).astype(np.uint8))
-
-
-def register(subparsers: Any) -> None:
-    p = subparsers.add_parser("detect", help="run DetectAnomalies on image files and print JSON results")
-    p.add_argument("images", nargs="+", metavar="IMAGE")
-    p.add_argument("--model", required=True, help="model component name")
-    p.add_argument("--socket", default=DEFAULT_SOCKET, help=f"agent socket URI (default {DEFAULT_SOCKET})")
-    p.add_argument("--shm", action="store_true", help="send frames (and get masks) through shared memory")
-    p.add_argument("--overlay", type=Path, help="write the image with the mask drawn over it (PNG); with "
-                   "several images, one file per image named OUT-<image>.png")
-    p.add_argument("--timeout", type=float, default=60.0)
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

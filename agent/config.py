@@ -18,17 +18,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
-from .memory import MAX_MMAP_THRESHOLD_MB
+from agent.errors import ConfigError
 
 DEFAULT_SOCKET = "unix:///tmp/aws.iot.lookoutvision.EdgeAgent.sock"
 #: Triton's metrics port, so dashboards and firewall rules written for Triton carry over.
 DEFAULT_METRICS_PORT = 8002
 PROVIDER_NAMES = ("tensorrt", "cuda", "cpu")
 ENV_PREFIX = "EDGE_AGENT_"
+#: glibc refuses an mmap threshold above HEAP_MAX_SIZE / 2, 32 MiB on 64-bit systems (agent/runtime/memory.py
+#: applies MallocMmapThresholdMB).
+MAX_MMAP_THRESHOLD_MB = 32
 
 
-def _parse_bool(value: Any) -> bool:
+def parse_bool(value: Any) -> bool:
     if isinstance(value, bool):
         return value
     text = str(value).strip().lower()
@@ -206,12 +208,12 @@ class AgentConfig:
         "(tensorrt,cuda,cpu) or auto (the package's choice, else every available one)", _parse_providers,
         restart=False)
     require_accelerator: bool = _setting(False, "RequireAccelerator", "fail a model instead of running it on "
-                                         "the CPU when no GPU provider could be used", _parse_bool, restart=False)
+                                         "the CPU when no GPU provider could be used", parse_bool, restart=False)
     intra_op_threads: int = _setting(0, "IntraOpThreads", "ONNX Runtime intra-op threads per model (0 = "
                                      "runtime default)", _non_negative(_parse_int), restart=False)
     intra_op_spinning: bool = _setting(False, "IntraOpSpinning", "let idle ONNX Runtime intra-op threads "
                                        "busy-wait for work (lower latency on an otherwise idle CPU; off: they "
-                                       "don't steal cores from the gRPC and image threads)", _parse_bool,
+                                       "don't steal cores from the gRPC and image threads)", parse_bool,
                                        restart=False)
     inter_op_threads: int = _setting(0, "InterOpThreads", "ONNX Runtime inter-op threads per model (0 = "
                                      "runtime default)", _non_negative(_parse_int), restart=False)
@@ -248,7 +250,7 @@ class AgentConfig:
     metrics_address: str = _setting("127.0.0.1", "MetricsAddress", "address the /metrics endpoint listens on "
                                     "(loopback by default; 0.0.0.0 lets other hosts scrape)", _parse_address)
     grpc_reflection: bool = _setting(True, "GrpcReflection", "serve gRPC server reflection (grpcurl can list "
-                                     "and call the API without .proto files)", _parse_bool)
+                                     "and call the API without .proto files)", parse_bool)
 
     @property
     def socket_path(self) -> str:

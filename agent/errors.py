@@ -1,6 +1,6 @@
 """The one error hierarchy of the agent core.
 
-Every error carries a transport-neutral ErrorCode; agent/grpc/status.py maps codes to gRPC
+Every error carries a transport-neutral ErrorCode; agent/serving/grpc/status.py maps codes to gRPC
 status codes in one place, so the core never imports grpc.
 """
 

@@ -62,7 +62,7 @@ def _timestamp(record: logging.LogRecord) -> str:
 
 
 class PlainFormatter(logging.Formatter):
-    """`2026-01-02T03:04:05.678Z INFO agent.registry [model=bottle version=3]: model bottle RUNNING ...`"""
+    """`2026-01-02T03:04:05.678Z INFO agent.core.lifecycle [model=bottle version=3]: model bottle RUNNING ...`"""
 
     def format(self, record: logging.LogRecord) -> str:
         context = ""

@@ -1,4 +1,4 @@
-"""Run the benchmark (same as `edge-agent bench`); see agent/bench.py and docs/benchmarks.md."""
+"""Run the benchmark (same as `edge-agent bench`); see agent/tools/bench/benchmark.py and docs/benchmarks.md."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from agent.bench import main  # noqa: E402
+from agent.tools.bench.benchmark import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

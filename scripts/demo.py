@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The demo (README command 1): a real model, a real agent, a real client.
 
-1. Train a PaDiM-style detector (agent.modelgen.padim) on generated normal textures; export ONNX.
+1. Train a PaDiM-style detector (agent.tools.modelgen.padim) on generated normal textures; export ONNX.
 2. Package it with `edge-agent model build`.
 3. Start `edge-agent serve` on a private socket with the package directory as --models-dir.
 4. StartModel over gRPC and poll DescribeModel until RUNNING (as LFV clients do).
@@ -26,9 +26,9 @@ import numpy as np
 from PIL import Image
 
 from agent.client import channel
-from agent.grpc._generated import edge_agent_pb2 as pb
-from agent.grpc._generated import edge_agent_pb2_grpc as pb_grpc
-from agent.modelgen import defective_texture, normal_texture, train_padim
+from agent.serving.grpc._generated import edge_agent_pb2 as pb
+from agent.serving.grpc._generated import edge_agent_pb2_grpc as pb_grpc
+from agent.tools.modelgen import defective_texture, normal_texture, train_padim
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent / "edge-agent"

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
-"""Generate the Python gRPC stubs for proto/edge-agent.proto into agent/grpc/_generated.
+"""Generate the Python gRPC stubs for proto/edge-agent.proto into agent/serving/grpc/_generated.
 
 The stubs are committed so the agent installs without grpcio-tools; `--check` (and
-tests/test_proto.py) fail when the committed files differ from what this script generates.
+tests/serving/test_proto.py) fail when the committed files differ from what this script generates.
 grpcio-tools is pinned in pyproject's dev extras so the output is reproducible.
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO = ROOT / "proto" / "edge-agent.proto"
-OUT = ROOT / "agent" / "grpc" / "_generated"
+OUT = ROOT / "agent" / "serving" / "grpc" / "_generated"
 MODULES = ("edge_agent_pb2.py", "edge_agent_pb2.pyi", "edge_agent_pb2_grpc.py")
 
 

@@ -1,5 +1,5 @@
 """Shared fixtures: stubs compiled from proto/ in this test run, model packages built by the
-tests themselves (agent.modelgen), and real agents on real Unix sockets in short temp dirs."""
+tests themselves (agent.tools.modelgen), and real agents on real Unix sockets in short temp dirs."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from metrics_fixtures import RunningAgent, short_tmp_dir, widget_agent
 
+from agent.app import Agent
 from agent.config import AgentConfig
-from agent.model_package import ModelPackage, build_package
-from agent.server import Agent
+from agent.core.package import ModelPackage, build_package
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,8 +50,8 @@ def pb(pb_modules: tuple[ModuleType, ModuleType]) -> ModuleType:
 
 @pytest.fixture(scope="session")
 def model_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """One ONNX file of each kind, built once per run by agent.modelgen."""
-    from agent.modelgen import build_anomalib_v1, build_anomalib_v2, build_classifier, build_segmenter
+    """One ONNX file of each kind, built once per run by agent.tools.modelgen."""
+    from agent.tools.modelgen import build_anomalib_v1, build_anomalib_v2, build_classifier, build_segmenter
 
     root = tmp_path_factory.mktemp("onnx")
     files = {}
@@ -178,3 +178,19 @@ def wait_known(agent: Agent, *names: str, timeout: float = 10.0) -> None:
     while not set(names) <= agent.registry.names():
         assert time.monotonic() < deadline, f"models {names} not discovered; known: {agent.registry.names()}"
         time.sleep(0.02)
+
+
+def detect(stub: Any, pb: ModuleType, name: str, image: np.ndarray, **kwargs: Any) -> Any:
+    """DetectAnomalies with byte_data, as the AWS sample clients send it."""
+    h, w = image.shape[:2]
+    req = pb.DetectAnomaliesRequest(model_component=name, bitmap=pb.Bitmap(width=w, height=h,
+                                                                            byte_data=image.tobytes()), **kwargs)
+    return stub.DetectAnomalies(req, timeout=30).detect_anomaly_result
+
+
+def start(stub: Any, pb: ModuleType, name: str) -> Any:
+    """StartModel, then poll DescribeModel until RUNNING (asserting it gets there)."""
+    assert stub.StartModel(pb.StartModelRequest(model_component=name)).status == pb.STARTING
+    desc = wait_status(stub, pb, name, pb.RUNNING)
+    assert desc.status == pb.RUNNING, desc.status_message
+    return desc

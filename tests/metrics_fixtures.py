@@ -22,13 +22,13 @@ import numpy as np
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
+from agent.app import Agent
 from agent.config import AgentConfig
-from agent.grpc._generated import edge_agent_pb2 as pb
-from agent.grpc._generated import edge_agent_pb2_grpc as pb_grpc
-from agent.model_package import build_package
-from agent.modelgen import build_anomalib_v2
-from agent.registry import ModelStatus
-from agent.server import Agent
+from agent.core.lifecycle import ModelStatus
+from agent.core.package import build_package
+from agent.serving.grpc._generated import edge_agent_pb2 as pb
+from agent.serving.grpc._generated import edge_agent_pb2_grpc as pb_grpc
+from agent.tools.modelgen import build_anomalib_v2
 
 IMAGE_SIZE = (64, 64)
 MODEL = "widget"

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.model_package import ModelPackage
+from agent.core.package import ModelPackage
 from agent.runtime.onnx import OnnxRuntime, OnnxRuntimeOptions, OnnxSession
 
 

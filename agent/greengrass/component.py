@@ -27,9 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from ..config import AgentConfig, _parse_bool
-from ..errors import ConfigError
-from .ipc import NotFound, NucleusError, NucleusSession, SessionFactory
+from agent.config import AgentConfig, parse_bool
+from agent.errors import ConfigError
+from agent.greengrass.ipc import NotFound, NucleusError, NucleusSession, SessionFactory
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class BusyRegistry(Protocol):
 
 
 class AgentControl(Protocol):
-    """What the component needs from the running agent (agent.server.Agent)."""
+    """What the component needs from the running agent (agent.app.Agent)."""
 
     config: AgentConfig
 
@@ -338,7 +338,7 @@ class GreengrassComponent:
         except NotFound:
             return False
         try:
-            return _parse_bool(value.get("Autostart", False))
+            return parse_bool(value.get("Autostart", False))
         except ValueError:
             log.warning("model component %s: Autostart=%r is not a boolean; ignored", component_name,
                         value.get("Autostart"))

@@ -19,8 +19,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from ..config import ENV_PREFIX, AgentConfig, _snake
-from . import COMPONENT_NAME
+from agent.config import ENV_PREFIX, AgentConfig, _snake
+from agent.greengrass import COMPONENT_NAME
 
 #: Keys the recipe has that AgentConfig does not: they steer the Install step only.
 INSTALL_KEYS: dict[str, Any] = {"UseSystemOnnxRuntime": False}

@@ -17,8 +17,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from ..errors import AgentError
-from ..registry import ModelInfo, ModelRegistry, ModelStatus
+from agent.core.lifecycle import ModelInfo, ModelRegistry, ModelStatus
+from agent.errors import AgentError
 
 log = logging.getLogger(__name__)
 

@@ -2,8 +2,8 @@
 model components from models in a local registry. Depends on the agent core, never the reverse.
 See docs/packaging.md."""
 
-from .api import Client, PackagingSettings
-from .errors import (
+from agent.packaging.api import Client, PackagingSettings
+from agent.packaging.errors import (
     AccessDeniedException,
     ConflictException,
     InternalServerException,
@@ -13,7 +13,7 @@ from .errors import (
     ThrottlingException,
     ValidationException,
 )
-from .recipe import model_component_recipe, render_json, render_yaml
+from agent.packaging.recipe import model_component_recipe, render_json, render_yaml
 
 __all__ = [
     "Client",

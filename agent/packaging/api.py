@@ -20,15 +20,15 @@ from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from ..model_package import ModelPackage
-from .compile import resolve_target
-from .errors import (
+from agent.core.package import ModelPackage
+from agent.packaging.compile import resolve_target
+from agent.packaging.errors import (
     ConflictException,
     Exceptions,
     ServiceQuotaExceededException,
     ValidationException,
 )
-from .jobs import (
+from agent.packaging.jobs import (
     Executor,
     InlineExecutor,
     OutputFactory,
@@ -39,9 +39,9 @@ from .jobs import (
     owner_id,
     recover,
 )
-from .output import AwsOutput, LocalOutput
-from .recipe import AGENT_COMPONENT, AGENT_VERSION_REQUIREMENT, DEFAULT_PUBLISHER
-from .registry import JobRecord, ModelRecord, Registry, default_home
+from agent.packaging.output import AwsOutput, LocalOutput
+from agent.packaging.recipe import AGENT_COMPONENT, AGENT_VERSION_REQUIREMENT, DEFAULT_PUBLISHER
+from agent.packaging.registry import JobRecord, ModelRecord, Registry, default_home
 
 TOKEN_TTL_S = 8 * 3600  # "An idempotency token is active for 8 hours."
 PACKAGING_METHOD = "Greengrass"
@@ -418,7 +418,7 @@ def _validate_runtime(package: ModelPackage) -> None:
     import numpy as np
     import onnxruntime as ort
 
-    from ..errors import PackageError
+    from agent.errors import PackageError
 
     try:
         session = ort.InferenceSession(str(package.model_file), providers=["CPUExecutionProvider"])

@@ -17,8 +17,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
-from .errors import ValidationException
+from agent import __version__
+from agent.packaging.errors import ValidationException
 
 Param = tuple[str, str, str]  # (--flag, PascalCaseKey, kind: str | int | json)
 
@@ -77,7 +77,7 @@ def gather(args: argparse.Namespace, params: Sequence[Param]) -> dict[str, Any]:
 def _client(args: argparse.Namespace, executor: str = "process") -> Any:
     # "process": a job this call starts or resumes (crash recovery) runs in a detached worker, so
     # the command returns at once instead of waiting for it at interpreter exit.
-    from .api import Client, PackagingSettings
+    from agent.packaging.api import Client, PackagingSettings
 
     settings = PackagingSettings.from_env(
         os.environ, mode=args.output_mode, region=args.region, account=args.account_id,
@@ -142,8 +142,8 @@ def _create_model(args: argparse.Namespace, request: dict[str, Any], _: argparse
 
 
 def _deploy(args: argparse.Namespace) -> int:
-    from .output import create_deployment, deployment_request, local_deployment_command
-    from .registry import default_home
+    from agent.packaging.output import create_deployment, deployment_request, local_deployment_command
+    from agent.packaging.registry import default_home
 
     components: dict[str, str] = {}
     for item in args.component:

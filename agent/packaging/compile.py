@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from ..model_package import ModelPackage
-from .errors import ValidationException
+from agent.core.package import ModelPackage
+from agent.packaging.errors import ValidationException
 
 # LFV TargetPlatform.Arch → Greengrass platform architecture (nucleus PlatformResolver names).
 GG_ARCH = {"ARM64": "aarch64", "X86_64": "amd64"}
@@ -328,6 +328,6 @@ def compile_model(package: ModelPackage, target: Target, work: Path) -> CompileR
 
 def _model_files(package: ModelPackage) -> list[str]:
     """The ONNX file and its external data files, relative to the package root."""
-    from ..model_package import inspect_onnx
+    from agent.core.package import inspect_onnx
 
     return [package.model_file.name, *inspect_onnx(package.model_file).external_files]

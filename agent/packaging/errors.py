@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..errors import AgentError, ErrorCode
+from agent.errors import AgentError, ErrorCode
 
 
 class LookoutVisionError(AgentError):

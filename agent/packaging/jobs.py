@@ -24,13 +24,13 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Protocol
 
-from ..errors import AgentError
-from ..model_package import MANIFEST, load_package, sha256_file
-from .compile import compile_model, resolve_target
-from .errors import LookoutVisionError
-from .output import AwsOutput, LocalOutput, Output, Publication, build_artifact, check_artifact, s3_key
-from .recipe import artifact_name, model_component_recipe
-from .registry import JobRecord, Registry
+from agent.core.package import MANIFEST, load_package, sha256_file
+from agent.errors import AgentError
+from agent.packaging.compile import compile_model, resolve_target
+from agent.packaging.errors import LookoutVisionError
+from agent.packaging.output import AwsOutput, LocalOutput, Output, Publication, build_artifact, check_artifact, s3_key
+from agent.packaging.recipe import artifact_name, model_component_recipe
+from agent.packaging.registry import JobRecord, Registry
 
 log = logging.getLogger(__name__)
 

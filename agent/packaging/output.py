@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 
-from ..errors import PackageError
-from ..model_package import safe_relative
-from .recipe import AGENT_COMPONENT, render_json, render_yaml
+from agent.core.package import safe_relative
+from agent.errors import PackageError
+from agent.packaging.recipe import AGENT_COMPONENT, render_json, render_yaml
 
 ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # fixed member timestamps: the same package gives the same zip bytes
 

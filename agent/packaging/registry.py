@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import PackageError
-from ..model_package import ModelPackage, build_package, load_package
-from .errors import (
+from agent.core.package import ModelPackage, build_package, load_package
+from agent.errors import PackageError
+from agent.packaging.errors import (
     AccessDeniedException,
     ConflictException,
     InternalServerException,

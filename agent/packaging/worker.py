@@ -11,8 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-from .jobs import default_output_factory, run_job
-from .registry import Registry
+from agent.packaging.jobs import default_output_factory, run_job
+from agent.packaging.registry import Registry
 
 log = logging.getLogger("agent.packaging.worker")
 

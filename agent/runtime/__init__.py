@@ -1,5 +1,5 @@
 """Model runtimes behind a small load / predict / unload interface."""
 
-from .base import ModelRuntime, RuntimeSession, TensorSpec
+from agent.runtime.base import ModelRuntime, RuntimeSession, TensorSpec
 
 __all__ = ["ModelRuntime", "RuntimeSession", "TensorSpec"]

@@ -8,7 +8,7 @@ from typing import Protocol
 
 import numpy as np
 
-from ..model_package import ModelPackage
+from agent.core.package import ModelPackage
 
 
 @dataclass(frozen=True)

@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ModelLoadError
-from ..model_package import ModelPackage
-from .base import TensorSpec
+from agent.core.package import ModelPackage
+from agent.errors import ModelLoadError
+from agent.runtime.base import TensorSpec
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,78 @@
+"""The DetectAnomalies use case, transport-neutral: request in, Detection out.
+
+Order of checks: the model must exist and be RUNNING, then the bitmap must be valid, then
+the request waits for one of the model's slots, runs, and the mask goes back inline or into
+the caller's shared-memory segment.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+from agent.core.frames import SharedMemory, ShmHandle, as_image, check_size
+from agent.core.lifecycle import ModelRegistry
+from agent.core.pipeline import Clock, Detection
+from agent.errors import InvalidInput
+
+
+@dataclass(frozen=True)
+class DetectRequest:
+    model: str
+    width: int
+    height: int
+    data: bytes | None = None
+    shm: ShmHandle | None = None
+    mask_shm: ShmHandle | None = None
+
+
+class DetectObserver(Protocol):
+    """Metrics hook: called once per request that reached a running model."""
+
+    def on_detect(self, model: str, version: str, detection: Detection | None, queue_wait: float,
+                  read_seconds: float, pixels: int) -> None: ...
+
+
+class InferenceService:
+    def __init__(self, registry: ModelRegistry, *, clock: Clock = time.perf_counter,
+                 observer: DetectObserver | None = None, shared_memory: SharedMemory | None = None) -> None:
+        self.registry = registry
+        self.clock = clock
+        self.observer = observer
+        self.shm = shared_memory or SharedMemory()
+
+    def detect(self, request: DetectRequest) -> Detection:
+        if not request.model:
+            raise InvalidInput("model_component is empty")
+        model = self.registry.running(request.model)
+        if (request.data is None) == (request.shm is None):
+            raise InvalidInput("bitmap has no data: set byte_data or shared_memory_handle")
+        check_size(request.width, request.height)
+        detection: Detection | None = None
+        waited = read = 0.0
+        try:
+            t0 = self.clock()
+            if request.shm is not None:
+                image = as_image(self.shm.region(request.shm), request.width, request.height)
+            else:
+                assert request.data is not None
+                image = as_image(request.data, request.width, request.height)
+            read = self.clock() - t0
+            mask_out = None
+            if request.mask_shm is not None:
+                # Render the mask straight into the client's segment. If it can't be mapped, go on:
+                # the write below reports the problem, and only if the model makes a mask at all.
+                try:
+                    mask_out = self.shm.mask_region(request.mask_shm, request.width * request.height * 3)
+                except InvalidInput:
+                    mask_out = None
+            with model.gate.slot(self.clock) as waited:
+                detection = model.predictor.predict(image, mask_out)
+            if request.mask_shm is not None and detection.mask is not None:  # not rendered in place
+                self.shm.write(request.mask_shm, detection.mask)
+            return detection
+        finally:
+            if self.observer is not None:
+                self.observer.on_detect(model.name, model.version, detection, waited, read,
+                                        request.width * request.height)

@@ -1,0 +1,504 @@
+"""Model packages: a directory with manifest.json + the ONNX file (+ its external .data file).
+
+The manifest follows the Lookout for Vision / DDA model-component manifest where keys exist
+(`model_graph.stages[0]` with `threshold` and pre-processing, `dataset` image size,
+`pixel_level_classes`, `runtime`, `runtime_artifact`) and adds what those lack (kind, output
+roles, colours, execution-provider preferences, checksums). docs/model-package.md documents it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from agent.errors import PackageError
+
+MANIFEST = "manifest.json"
+FORMAT = "edge-agent/model-package"
+FORMAT_VERSION = 1
+KINDS = ("anomalib", "anomalib_v1", "classification", "segmentation")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+HEX_RE = re.compile(r"^#[0-9A-Fa-f]{6}$")
+IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+MIN_SIDE, MAX_SIDE = 1, 8192
+
+# Lookout for Vision's mask palette (index 0 = background, white), used when a package names no colours.
+DEFAULT_PALETTE = (
+    "#FFFFFF", "#23A436", "#14A3B3", "#F76902", "#9380FF", "#BD10E0", "#467CE6", "#A09308", "#0094BD",
+    "#CC7700", "#5856D6", "#D61CB0", "#E3242B", "#2E8B57", "#FFB000", "#7D3C98", "#1F77B4", "#8C564B",
+    "#17BECF", "#BCBD22",
+)
+
+
+@dataclass(frozen=True)
+class ExecutionPrefs:
+    """What the package asks of the runtime; the agent's configuration can override providers."""
+
+    providers: tuple[str, ...] = ()
+    trt_fp16: bool = True
+    gpu_code: str = ""
+    trt_ver: str = ""
+    cuda_ver: str = ""
+    graph_optimization: str = "all"
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """anomalib 1.x metadata.json statistics, applied by the agent (v2 bakes them into the graph)."""
+
+    image_threshold: float
+    pixel_threshold: float
+    score_min: float
+    score_max: float
+    map_min: float
+    map_max: float
+
+
+@dataclass(frozen=True)
+class ModelPackage:
+    """A validated model package on disk."""
+
+    root: Path
+    name: str
+    kind: str
+    model_file: Path
+    arn: str
+    model_version: str
+    description: str
+    image_width: int
+    image_height: int
+    threshold: float
+    range_scale: bool
+    mean: tuple[float, float, float] | None
+    std: tuple[float, float, float] | None
+    input_name: str
+    outputs: Mapping[str, str]
+    class_names: tuple[str, ...]
+    normal_ids: tuple[int, ...]
+    colors: tuple[str, ...]
+    normalization: Normalization | None
+    score_activation: str
+    execution: ExecutionPrefs
+    autostart: bool
+    checksums: Mapping[str, str] = field(default_factory=dict)
+    fingerprint: str = ""
+
+    @property
+    def version(self) -> str:
+        """What logs, metrics and status messages call this package: its model_version, else its fingerprint."""
+        return self.model_version or self.fingerprint
+
+    def verify_files(self) -> None:
+        """Check every listed file against its sha256 (done at load, off the request path)."""
+        for rel, expected in self.checksums.items():
+            path = self.root / rel
+            if not path.is_file():
+                raise PackageError(f"{self.name}: file {rel!r} listed in the manifest is missing")
+            if sha256_file(path) != expected:
+                raise PackageError(f"{self.name}: {rel!r} does not match its sha256 in the manifest (corrupt or "
+                                   "half-copied package)")
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def safe_relative(rel: str, what: str) -> PurePosixPath:
+    """A relative path from outside (manifest, archive member) that stays inside its directory."""
+    p = PurePosixPath(rel)
+    if not rel or p.is_absolute() or ".." in p.parts or "\\" in rel or "\x00" in rel:
+        raise PackageError(f"{what} {rel!r} must be a relative path inside the package (no '..', not absolute)")
+    return p
+
+
+def validate_name(name: str) -> str:
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise PackageError(f"model name {name!r} must be 1-128 characters of letters, digits, '.', '_' or '-', "
+                           "starting with a letter or digit")
+    return name
+
+
+def _get(mapping: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str, default: Any = None) -> Any:
+    """mapping[key] checked against kind (bool is never taken for int), or default when absent/null."""
+    value = mapping.get(key)
+    if value is None:
+        return default
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        raise PackageError(f"{where}.{key} has the wrong type ({type(value).__name__})")
+    return value
+
+
+def _triple(value: Any, where: str) -> tuple[float, float, float]:
+    if not (isinstance(value, Sequence) and len(value) == 3 and all(isinstance(v, (int, float)) for v in value)):
+        raise PackageError(f"{where} must be a list of 3 numbers")
+    return (float(value[0]), float(value[1]), float(value[2]))
+
+
+def load_package(root: Path | str) -> ModelPackage:
+    """Read and validate <root>/manifest.json; raises PackageError saying what is wrong."""
+    root = Path(root)
+    path = root / MANIFEST
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise PackageError(f"{root}: no {MANIFEST}") from None
+    except OSError as exc:
+        raise PackageError(f"{path}: cannot read: {exc.strerror}") from exc
+    try:
+        doc = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PackageError(f"{path}: not valid JSON: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise PackageError(f"{path}: the manifest must be a JSON object")
+    return _parse(root, doc, raw)
+
+
+def _parse(root: Path, doc: Mapping[str, Any], raw: bytes) -> ModelPackage:
+    where = "manifest"
+    if doc.get("runtime", "onnx") != "onnx":
+        raise PackageError(f"runtime {doc.get('runtime')!r} is not supported; this agent runs ONNX models")
+    name = validate_name(_get(doc, "name", str, where) or root.name)
+    kind = _get(doc, "kind", str, where, "anomalib")
+    if kind not in KINDS:
+        raise PackageError(f"kind {kind!r} is not one of {list(KINDS)}")
+    artifact = _get(doc, "runtime_artifact", str, where)
+    if not artifact:
+        raise PackageError("manifest.runtime_artifact (the ONNX file) is required")
+    model_file = root / safe_relative(artifact, "runtime_artifact")
+    if not model_file.is_file():
+        raise PackageError(f"model file {artifact!r} is missing from {root}")
+
+    graph = _get(doc, "model_graph", dict, where, {})
+    stages = _get(graph, "stages", list, "model_graph", [{}]) or [{}]
+    stage = stages[0]
+    if not isinstance(stage, dict):
+        raise PackageError("model_graph.stages[0] must be an object")
+    sw = "model_graph.stages[0]"
+    dataset = _get(doc, "dataset", dict, where, {})
+    width = _get(stage, "image_width", int, sw, _get(dataset, "image_width", int, "dataset"))
+    height = _get(stage, "image_height", int, sw, _get(dataset, "image_height", int, "dataset"))
+    if width is None or height is None:
+        raise PackageError("the model input size is missing (model_graph.stages[0].image_width/image_height)")
+    if not (MIN_SIDE <= width <= MAX_SIDE and MIN_SIDE <= height <= MAX_SIDE):
+        raise PackageError(f"model input size {width}x{height} is out of range")
+    threshold = float(_get(stage, "threshold", (int, float), sw, 0.5))
+    if not (math.isfinite(threshold) and 0.0 <= threshold <= 1.0):
+        raise PackageError(f"{sw}.threshold must be within 0..1, got {threshold}")
+    normalize = stage.get("normalize")
+    mean = std = None
+    if normalize:
+        if normalize is True or normalize == "imagenet":
+            normalize = IMAGENET
+        if not isinstance(normalize, dict):
+            raise PackageError(f"{sw}.normalize must be an object with mean and std, 'imagenet' or null")
+        mean = _triple(normalize.get("mean"), f"{sw}.normalize.mean")
+        std = _triple(normalize.get("std"), f"{sw}.normalize.std")
+        if any(s <= 0 for s in std):
+            raise PackageError(f"{sw}.normalize.std must be positive")
+
+    outputs = _get(doc, "outputs", dict, where, {})
+    for role, out in outputs.items():
+        if not isinstance(out, str) or not out:
+            raise PackageError(f"outputs.{role} must name a model output")
+
+    classes = _get(doc, "pixel_level_classes", dict, where, {})
+    default_names = ["background", "anomaly"] if kind != "classification" else []
+    names = tuple(str(n) for n in _get(classes, "names", list, "pixel_level_classes", default_names))
+    normal_ids = tuple(_get(classes, "normal_ids", list, "pixel_level_classes", [0]))
+    colors = tuple(_get(classes, "colors", list, "pixel_level_classes", []))
+    for c in colors:
+        if not isinstance(c, str) or not HEX_RE.match(c):
+            raise PackageError(f"pixel_level_classes.colors entry {c!r} is not #RRGGBB")
+    if colors and len(colors) < len(names):
+        raise PackageError(f"pixel_level_classes has {len(names)} names but only {len(colors)} colors")
+    if not all(isinstance(i, int) and 0 <= i < max(len(names), 1) for i in normal_ids):
+        raise PackageError("pixel_level_classes.normal_ids must be indexes into names")
+
+    normalization = None
+    if kind == "anomalib_v1":
+        normalization = _parse_normalization(_get(doc, "normalization", dict, where, None))
+
+    execution = _get(doc, "execution", dict, where, {})
+    providers = tuple(str(p).lower() for p in _get(execution, "providers", list, "execution", []))
+    prefs = ExecutionPrefs(
+        providers=providers,
+        trt_fp16=bool(execution.get("trt_fp16", True)),
+        gpu_code=str(execution.get("gpu_code", "")),
+        trt_ver=str(execution.get("trt_ver", "")),
+        cuda_ver=str(execution.get("cuda_ver", "")),
+        graph_optimization=str(execution.get("graph_optimization", "all")),
+    )
+    activation = _get(doc, "score_activation", str, where, "none")
+    if activation not in ("none", "sigmoid", "softmax"):
+        raise PackageError(f"score_activation {activation!r} must be none, sigmoid or softmax")
+    files = _get(doc, "files", dict, where, {})
+    for rel in files:
+        safe_relative(rel, "files entry")
+    stat = model_file.stat()
+    fingerprint = hashlib.sha256(raw + f"{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return ModelPackage(
+        root=root,
+        name=name,
+        kind=kind,
+        model_file=model_file,
+        arn=_get(doc, "lookout_vision_model_arn", str, where, ""),
+        model_version=str(doc.get("model_version", "")),
+        description=_get(doc, "description", str, where, ""),
+        image_width=width,
+        image_height=height,
+        threshold=threshold,
+        range_scale=bool(stage.get("image_range_scale", True)),
+        mean=mean,
+        std=std,
+        input_name=_get(doc, "input", str, where, ""),
+        outputs=dict(outputs),
+        class_names=names,
+        normal_ids=normal_ids,
+        colors=colors,
+        normalization=normalization,
+        score_activation=activation,
+        execution=prefs,
+        autostart=bool(doc.get("autostart", False)),
+        checksums={str(k): str(v) for k, v in files.items()},
+        fingerprint=fingerprint,
+    )
+
+
+def _parse_normalization(meta: Mapping[str, Any] | None) -> Normalization:
+    """Accept anomalib 1.x metadata.json, nested ({"pred_scores": {"min":..}}) or flat ("pred_scores.min")."""
+    if not meta:
+        raise PackageError("an anomalib_v1 package needs 'normalization' (the export's metadata.json values)")
+
+    def num(*keys: str) -> float:
+        for key in keys:
+            node: Any = meta
+            for part in key.split("/"):
+                node = node.get(part) if isinstance(node, dict) else None
+            if isinstance(node, (int, float)) and not isinstance(node, bool):
+                return float(node)
+        raise PackageError(f"normalization lacks {keys[0].replace('/', '.')}")
+
+    n = Normalization(
+        image_threshold=num("image_threshold"),
+        pixel_threshold=num("pixel_threshold", "image_threshold"),
+        score_min=num("pred_scores/min", "pred_scores.min", "min"),
+        score_max=num("pred_scores/max", "pred_scores.max", "max"),
+        map_min=num("anomaly_maps/min", "anomaly_maps.min", "pred_scores/min", "min"),
+        map_max=num("anomaly_maps/max", "anomaly_maps.max", "pred_scores/max", "max"),
+    )
+    if n.score_max <= n.score_min or n.map_max <= n.map_min:
+        raise PackageError("normalization max must be greater than min")
+    return n
+
+
+# ---------------------------------------------------------------------------------------------
+# Building packages from ONNX files (edge-agent model build, and the packaging jobs)
+
+
+@dataclass(frozen=True)
+class OnnxSignature:
+    inputs: list[tuple[str, list[int | str]]]
+    outputs: list[tuple[str, list[int | str]]]
+    external_files: list[str]
+
+
+def inspect_onnx(path: Path) -> OnnxSignature:
+    """Input/output names and shapes and external data files of an ONNX model, without its weights."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # onnx raises DecodeError, ValueError... for a non-ONNX file
+        raise PackageError(f"{path.name} is not a readable ONNX model: {exc}") from exc
+    init_names = {t.name for t in model.graph.initializer}
+
+    def dims(value_info: Any) -> list[int | str]:
+        return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
+                for d in value_info.type.tensor_type.shape.dim]
+
+    externals: set[str] = set()
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                externals.add(str(safe_relative(entry.value, "external data location")))
+    return OnnxSignature(
+        inputs=[(i.name, dims(i)) for i in model.graph.input if i.name not in init_names],
+        outputs=[(o.name, dims(o)) for o in model.graph.output],
+        external_files=sorted(externals),
+    )
+
+
+def detect_kind(sig: OnnxSignature, has_metadata: bool) -> str:
+    names = {n for n, _ in sig.outputs}
+    if "pred_score" in names or "anomaly_map" in names:
+        return "anomalib"
+    if has_metadata:
+        return "anomalib_v1"
+    for _, shape in sig.outputs:
+        if len(shape) == 4 and isinstance(shape[1], int) and shape[1] > 1:
+            return "segmentation"
+    return "classification"
+
+
+def build_package(
+    onnx_path: Path | str,
+    out_dir: Path | str,
+    *,
+    name: str,
+    kind: str = "auto",
+    threshold: float | None = None,
+    classes: Sequence[str] | None = None,
+    colors: Sequence[str] | None = None,
+    image_size: tuple[int, int] | None = None,
+    normalize: str | None = None,
+    description: str = "",
+    arn: str = "",
+    model_version: str = "1",
+    autostart: bool = False,
+    execution: Mapping[str, Any] | None = None,
+    score_activation: str = "auto",
+    extra: Mapping[str, Any] | None = None,
+) -> ModelPackage:
+    """Write a model package for an ONNX model into out_dir (created; must not exist or be empty).
+
+    kind "auto" recognises anomalib 2.x exports by their outputs, anomalib 1.x by the metadata.json
+    beside the model, segmentation by a [N,C,H,W] output, else classification. External data
+    files are copied along. score_activation "auto" applies softmax to a classifier's 2-class
+    output (logits) and nothing to a single score. The result is loaded back with load_package, so it is valid.
+    """
+    import onnx
+
+    src = Path(onnx_path)
+    if not src.is_file():
+        raise PackageError(f"{src} does not exist")
+    validate_name(name)
+    sig = inspect_onnx(src)
+    metadata_file = src.parent / "metadata.json"
+    if kind == "auto":
+        kind = detect_kind(sig, metadata_file.is_file())
+    if kind not in KINDS:
+        raise PackageError(f"kind {kind!r} is not one of {list(KINDS)}")
+    for rel in sig.external_files:
+        if not (src.parent / rel).is_file():
+            raise PackageError(f"{src.name} keeps its weights in {rel!r}, which is not beside it")
+    try:
+        onnx.checker.check_model(str(src))
+    except Exception as exc:
+        raise PackageError(f"{src.name} fails the ONNX checker: {exc}") from exc
+    if len(sig.inputs) != 1:
+        raise PackageError(f"expected a model with one image input, found {[n for n, _ in sig.inputs]}")
+    input_name, input_shape = sig.inputs[0]
+    if len(input_shape) != 4 or input_shape[1] not in (3, "?") and not isinstance(input_shape[1], str):
+        raise PackageError(f"input {input_name!r} has shape {input_shape}; expected [N,3,H,W]")
+    if image_size is None:
+        h, w = input_shape[2], input_shape[3]
+        if not (isinstance(h, int) and isinstance(w, int) and h > 0 and w > 0):
+            raise PackageError(f"input {input_name!r} has a dynamic size {input_shape}; give the image size")
+        image_size = (w, h)
+    outputs = _output_roles(kind, sig)
+
+    doc: dict[str, Any] = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "name": name,
+        "model_version": model_version,
+        "lookout_vision_model_arn": arn,
+        "description": description,
+        "runtime": "onnx",
+        "runtime_artifact": src.name,
+        "kind": kind,
+        "input": input_name,
+        "outputs": outputs,
+        "dataset": {"image_width": image_size[0], "image_height": image_size[1]},
+        "model_graph": {
+            "model_graph_type": "single_stage_model_graph",
+            "stages": [{
+                "type": kind,
+                "threshold": 0.5 if threshold is None else float(threshold),
+                "image_width": image_size[0],
+                "image_height": image_size[1],
+                "image_range_scale": True,
+                "normalize": IMAGENET if normalize == "imagenet" else None,
+                "interpolation": "bilinear",
+            }],
+        },
+        "autostart": autostart,
+    }
+    if kind == "classification":
+        if score_activation == "auto":
+            last = sig.outputs[0][1][-1] if sig.outputs[0][1] else 1
+            score_activation = "softmax" if isinstance(last, int) and last >= 2 else "none"
+        doc["score_activation"] = score_activation
+    else:
+        names = list(classes) if classes else ["background", "anomaly"]
+        doc["pixel_level_classes"] = {"names": names, "normal_ids": [0]}
+        if colors:
+            doc["pixel_level_classes"]["colors"] = [c.upper() for c in colors]
+    if kind == "anomalib_v1":
+        if not metadata_file.is_file():
+            raise PackageError("an anomalib 1.x export needs the metadata.json written beside the model")
+        try:
+            doc["normalization"] = json.loads(metadata_file.read_text())
+        except json.JSONDecodeError as exc:
+            raise PackageError(f"{metadata_file}: not valid JSON: {exc}") from exc
+    if execution:
+        doc["execution"] = dict(execution)
+    if extra:
+        doc.update(extra)
+
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise PackageError(f"{out} exists and is not empty")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Build beside the target and rename, so a watcher never sees half a package.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        files = {}
+        for rel in [src.name, *sig.external_files]:
+            dest = tmp / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src.parent / rel, dest)
+            files[rel] = sha256_file(dest)
+        doc["files"] = files
+        (tmp / MANIFEST).write_text(json.dumps(doc, indent=2) + "\n")
+        package = load_package(tmp)  # validate what we wrote, with the same rules as the agent
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    del package
+    return load_package(out)
+
+
+def _output_roles(kind: str, sig: OnnxSignature) -> dict[str, str]:
+    names = [n for n, _ in sig.outputs]
+    if kind == "anomalib":
+        roles = {r: r for r in ("pred_score", "anomaly_map", "pred_mask") if r in names}
+        if "pred_score" not in roles and "anomaly_map" not in roles:
+            raise PackageError(f"anomalib export without pred_score or anomaly_map outputs: {names}")
+        return {{"pred_score": "score", "anomaly_map": "anomaly_map", "pred_mask": "mask"}[k]: v
+                for k, v in roles.items()}
+    if kind == "anomalib_v1":
+        return {"anomaly_map": names[0]}
+    if kind == "segmentation":
+        for n, shape in sig.outputs:
+            if len(shape) == 4:
+                return {"logits": n}
+        raise PackageError(f"segmentation model without a [N,C,H,W] output: {names}")
+    return {"score": names[0]}

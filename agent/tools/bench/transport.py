@@ -1,0 +1,72 @@
+"""The benchmark's transport reference: the agent's gRPC server with no model behind it.
+
+`python -m agent.tools.bench.transport --socket unix:///path` serves the EdgeAgent service with the agent's own
+server set-up (`build_server`: options, worker threads) and response serialiser, but DetectAnomalies only
+parses the request and answers with a canned result of the same size: an inline mask of width x height x 3
+bytes for byte_data requests, the mask handle for shared-memory ones. No model, validation, metrics or
+shared-memory access. What a request costs here is what grpcio alone costs on this machine, so
+`edge-agent bench` can show how much of the agent's overhead is transport and how much is the agent's own
+(docs/benchmarks.md, "grpcio bound").
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import threading
+from typing import Any
+
+import grpc
+import numpy as np
+
+from agent.config import AgentConfig
+from agent.runtime.memory import tune_malloc
+from agent.serving.grpc._generated import edge_agent_pb2 as pb
+from agent.serving.grpc.server import build_server
+from agent.serving.grpc.servicer import EdgeAgentServicer, add_to_server
+from agent.serving.grpc.wire import InlineMaskResponse
+
+
+class TransportOnlyServicer(EdgeAgentServicer):
+    """DetectAnomalies answers without a model; the other methods are the base class's (unused)."""
+
+    def __init__(self) -> None:
+        self._masks: dict[tuple[int, int], np.ndarray] = {}
+
+    def DetectAnomalies(self, request: pb.DetectAnomaliesRequest, context: grpc.ServicerContext) -> Any:  # noqa: N802
+        bitmap = request.bitmap
+        width, height = bitmap.width, bitmap.height
+        response = pb.DetectAnomaliesResponse()
+        result = response.detect_anomaly_result
+        result.anomaly_score, result.anomaly_threshold, result.confidence = 0.1, 0.5, 0.9
+        if bitmap.WhichOneof("data") == "byte_data":
+            _ = bitmap.byte_data  # the agent reads the frame out of the message: so does this
+            mask = self._masks.get((width, height))
+            if mask is None:
+                mask = self._masks[width, height] = np.zeros((height, width, 3), dtype=np.uint8)
+            return InlineMaskResponse(response, mask, width, height)
+        handle = result.anomaly_mask.shared_memory_handle
+        handle.CopyFrom(request.anomaly_mask_params.shared_memory_handle)
+        result.anomaly_mask.width, result.anomaly_mask.height = width, height
+        return response
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m agent.tools.bench.transport", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--socket", required=True, help="unix:///absolute/path.sock")
+    args = parser.parse_args(argv)
+    config = AgentConfig.from_sources(cli={"socket": args.socket})
+    tune_malloc(config.malloc_mmap_threshold_mb)  # as `edge-agent serve` does
+    server = build_server(config)
+    add_to_server(TransportOnlyServicer(), server)
+    server.add_insecure_port(config.socket)
+    server.start()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stop.wait()
+    server.stop(1).wait()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,122 @@
+"""recipe.yaml and gdk-config.json: they render, parse, cover both platforms and stay in step with AgentConfig."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from agent.config import AgentConfig
+from agent.greengrass import COMPONENT_NAME
+from agent.greengrass.component import ConfigSource
+from agent.greengrass.recipe import INSTALL_KEYS, PLATFORMS, default_configuration, render, setenv
+
+ROOT = Path(__file__).resolve().parents[2]
+WHEEL = "edge_agent-1.2.3-py3-none-any.whl"
+URI = f"s3://my-bucket/{COMPONENT_NAME}/1.2.3/{WHEEL}"
+PLACEHOLDER = re.compile(r"\{([.\w-]+):([^:}]*)}")
+
+
+@pytest.fixture(scope="module")
+def recipe() -> dict[str, Any]:
+    return yaml.safe_load(render((ROOT / "recipe.yaml").read_text(), "1.2.3", URI))
+
+
+def manifest(recipe: dict[str, Any], os_name: str, arch: str) -> dict[str, Any]:
+    found = [m for m in recipe["Manifests"] if m["Platform"] == {"os": os_name, "architecture": arch}]
+    assert len(found) == 1, f"one manifest for {os_name}/{arch}"
+    return found[0]
+
+
+def interpolate(text: str, config: dict[str, Any], work: str = "/gg/work/c", artifacts: str = "/gg/art") -> str:
+    """The nucleus' same-component interpolation (KernelConfigResolver), enough for this recipe."""
+
+    def value(m: re.Match[str]) -> str:
+        namespace, key = m[1], m[2]
+        if namespace == "configuration":
+            v = config[key.lstrip("/")]
+            return ("true" if v else "false") if isinstance(v, bool) else str(v)
+        return {("work", "path"): work, ("artifacts", "path"): artifacts}.get((namespace, key), m[0])
+
+    return PLACEHOLDER.sub(value, text)
+
+
+def test_top_level_fields(recipe: dict[str, Any]) -> None:
+    assert recipe["RecipeFormatVersion"] == "2020-01-25"
+    assert recipe["ComponentName"] == COMPONENT_NAME == "com.edgeagent.EdgeAgent"
+    assert recipe["ComponentVersion"] == "1.2.3"
+    # The lifecycle/configuration IPC the agent uses needs no authorization (reference §1.3).
+    assert "accessControl" not in recipe["ComponentConfiguration"]["DefaultConfiguration"]
+    assert "ComponentDependencies" not in recipe
+
+
+@pytest.mark.parametrize(("os_name", "arch"), PLATFORMS)
+def test_each_platform_installs_the_wheel_and_runs_the_agent(recipe: dict[str, Any], os_name: str, arch: str,
+                                                             tmp_path: Path) -> None:
+    m = manifest(recipe, os_name, arch)
+    assert m["Artifacts"] == [{"URI": URI, "Permission": {"Read": "OWNER", "Execute": "NONE"}}]
+    lifecycle = m["Lifecycle"]
+    assert set(lifecycle) == {"Install", "Run"}
+    assert "edge-agent serve" in lifecycle["Run"]["Script"]
+    config = default_configuration()
+    for system_ort in (False, True):
+        config["UseSystemOnnxRuntime"] = system_ort
+        for step in ("Install", "Run"):
+            script = interpolate(lifecycle[step]["Script"], config)
+            assert not PLACEHOLDER.search(script), f"{step}: left {PLACEHOLDER.findall(script)}"
+            check = subprocess.run(["bash", "-n", "-c", script], capture_output=True, text=True)
+            assert check.returncode == 0, f"{arch} {step} is not valid shell: {check.stderr}"
+    install = lifecycle["Install"]["Script"]
+    assert "--system-site-packages" in install and "{configuration:/UseSystemOnnxRuntime}" in install
+    assert lifecycle["Install"]["Timeout"] >= 600
+
+
+def test_default_configuration_is_agentconfig_at_its_defaults(recipe: dict[str, Any]) -> None:
+    defaults = recipe["ComponentConfiguration"]["DefaultConfiguration"]
+    assert defaults == default_configuration()
+    assert set(defaults) - set(INSTALL_KEYS) == set(AgentConfig.keys()), "recipe keys != AgentConfig keys"
+    assert defaults["Socket"] == "unix:///tmp/aws.iot.lookoutvision.EdgeAgent.sock"
+    # The defaults read back as AgentConfig's defaults (WorkDir/ModelsDir: the component's work dir).
+    config = ConfigSource(Path("/gg/work/c"), env={}, cli={}).build(defaults)
+    expected = AgentConfig().replace(work_dir="/gg/work/c", models_dir="/gg/work/c/models")
+    assert config == expected
+
+
+def test_setenv_carries_exactly_the_restart_only_keys(recipe: dict[str, Any]) -> None:
+    restart_keys = {k for k, f in AgentConfig.keys().items() if f.metadata["restart"]}
+    for os_name, arch in PLATFORMS:
+        env = manifest(recipe, os_name, arch)["Lifecycle"]["Run"]["Setenv"]
+        agent_env = {k: v for k, v in env.items() if k.startswith("EDGE_AGENT_")}
+        assert agent_env == setenv()
+        assert {v[len("{configuration:/"):-1] for v in agent_env.values()} == restart_keys
+
+
+def test_interpolated_setenv_parses_even_with_java_number_formatting() -> None:
+    # The nucleus may hold numbers as doubles; Java renders them as 16.0 or 6.711296E7 in Setenv.
+    config = {**default_configuration(), "GrpcWorkers": 16.0, "MaxMessageBytes": "6.711296E7"}
+    env = {k: interpolate(v, config) for k, v in setenv().items()}
+    parsed = ConfigSource(Path("/gg/work/c"), env=env, cli={}).build({})
+    assert parsed.grpc_workers == 16 and parsed.max_message_bytes == 67112960
+    assert parsed.socket_mode == 0o660 and parsed.work_dir == "/gg/work/c"
+
+
+def test_recipe_check_script_agrees() -> None:
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "build-component"), "--check"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+
+
+def test_gdk_config_builds_with_the_script() -> None:
+    doc = json.loads((ROOT / "gdk-config.json").read_text())
+    component = doc["component"][COMPONENT_NAME]
+    assert component["build"]["build_system"] == "custom"
+    command = component["build"]["custom_build_command"]
+    assert "scripts/build-component" in command and (ROOT / "scripts" / "build-component").is_file()
+    assert re.fullmatch(r"\d+\.\d+\.\d+", component["version"])
+    assert doc["gdk_version"] == "1.0.0"
