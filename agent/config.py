@@ -295,7 +295,7 @@ class AgentConfig:
             flag = f.metadata["flag"]
             if f.type in ("bool", bool):
                 # --flag / --no-flag: a setting that defaults to true must be switchable off too.
-                parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                parser.add_argument(flag, dest=f.name, action=_BoolFlag, default=None,
                                     help=f"{f.metadata['help']}")
             else:
                 parser.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(),
@@ -305,6 +305,21 @@ class AgentConfig:
     def keys(cls) -> dict[str, dataclasses.Field[Any]]:
         """Greengrass key → field, for validation and docs."""
         return {f.metadata["key"]: f for f in dataclasses.fields(cls)}
+
+
+class _BoolFlag(argparse.Action):
+    """--flag / --no-flag, as argparse.BooleanOptionalAction (Python >= 3.9) does it."""
+
+    def __init__(self, option_strings: list[str], dest: str, default: Any = None, help: str | None = None) -> None:
+        options = [o for s in option_strings for o in (s, "--no-" + s[2:])]
+        super().__init__(options, dest, nargs=0, default=default, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, not (option_string or "").startswith("--no-"))
+
+    def format_usage(self) -> str:
+        return " | ".join(self.option_strings)
 
 
 def _show(value: Any) -> str:

@@ -6,7 +6,8 @@ from __future__ import annotations
 import importlib
 import shutil
 import sys
-from collections.abc import Callable, Iterator
+import typing  # runtime-evaluated aliases below: collections.abc generics need Python >= 3.9
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -89,7 +90,7 @@ def models_dir(short_tmp: Path) -> Path:
     return path
 
 
-PackageMaker = Callable[..., ModelPackage]
+PackageMaker = typing.Callable[..., ModelPackage]
 
 
 @pytest.fixture
@@ -107,7 +108,7 @@ def make_package(model_files: dict[str, Path], models_dir: Path) -> PackageMaker
     return make
 
 
-AgentFactory = Callable[..., Agent]
+AgentFactory = typing.Callable[..., Agent]
 
 
 @pytest.fixture

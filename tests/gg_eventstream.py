@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import struct
+import typing  # runtime-evaluated alias below: X | Y needs Python >= 3.10
 import uuid
 import zlib
 from dataclasses import dataclass, field
@@ -42,7 +43,7 @@ class HeaderType(enum.IntEnum):
     UUID = 9
 
 
-HeaderValue = bool | int | bytes | str | uuid.UUID
+HeaderValue = typing.Union[bool, int, bytes, str, uuid.UUID]
 
 # Fixed-width integer header types: struct format for each.
 _INT_FORMATS = {

@@ -13,6 +13,7 @@ import math
 import os
 import sys
 import time
+import typing  # runtime-evaluated aliases below: collections.abc generics need Python >= 3.9
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
@@ -22,7 +23,7 @@ from typing import Any
 from agent.config import DEFAULT_METRICS_PORT, AgentConfig
 from agent.errors import ConfigError
 
-Samples = dict[str, list[tuple[dict[str, str], float]]]
+Samples = typing.Dict[str, typing.List[typing.Tuple[typing.Dict[str, str], float]]]
 LATENCY = "edge_agent_request_duration_seconds"
 
 
@@ -207,7 +208,7 @@ def render(summary: Summary) -> str:
                       errors, _ms(r.p50) + star, _ms(r.p99) + star, f"{r.inflight:.0f}", f"{r.queued:.0f}"))
     if summary.rows:
         widths = [max(len(row[i]) for row in table) for i in range(len(columns))]
-        lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in table]
+        lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table]
     else:
         lines.append("no models")
     # FAILED reasons and CPU fallbacks are what a person looking at this screen needs to read in full.

@@ -20,6 +20,7 @@ from typing import Protocol
 
 import numpy as np
 
+from agent.compat import shutdown_cancelling
 from agent.core.admission import Gate
 from agent.core.package import ModelPackage
 from agent.core.pipeline import Clock, Predictor
@@ -365,7 +366,7 @@ class ModelRegistry:
                 self.stop(name)
             except AgentError:
                 pass
-        self._loader.shutdown(wait=True, cancel_futures=True)
+        shutdown_cancelling(self._loader, wait=True)
 
     def _notify(self, hook: str, *args: object) -> None:
         for listener in self._listeners:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import functools
 import math
 import time
-from collections.abc import Callable, Mapping
+import typing  # runtime-evaluated aliases below: collections.abc generics need Python >= 3.9
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,7 +20,7 @@ from agent.core.package import DEFAULT_PALETTE, ModelPackage
 from agent.errors import InferenceFailed, ModelLoadError
 from agent.runtime.base import RuntimeSession
 
-Clock = Callable[[], float]
+Clock = typing.Callable[[], float]
 
 
 @dataclass(frozen=True)
@@ -175,7 +176,7 @@ class Predictor:
             raise InferenceFailed(f"inference failed: {str(exc).strip().splitlines()[0] if str(exc) else exc!r}") \
                 from exc
         t2 = self.clock()
-        outputs = dict(zip(self._outputs.keys(), values, strict=True))
+        outputs = dict(zip(self._outputs.keys(), values))
         try:
             detection = self.postprocess(outputs, image.shape[1], image.shape[0], mask_out)
         except (ValueError, IndexError) as exc:

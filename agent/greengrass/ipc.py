@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import typing  # runtime-evaluated aliases below: collections.abc generics need Python >= 3.9
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -20,11 +21,11 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 10.0
 
-PreUpdateHandler = Callable[[str, bool], None]  # (deployment_id, is_ggc_restarting)
-PostUpdateHandler = Callable[[str], None]  # (deployment_id)
-ConfigChangedHandler = Callable[[list[str]], None]  # (key path of the changed node)
-ValidateHandler = Callable[[str, dict[str, Any]], None]  # (deployment_id, whole proposed configuration)
-ClosedHandler = Callable[[], None]
+PreUpdateHandler = typing.Callable[[str, bool], None]  # (deployment_id, is_ggc_restarting)
+PostUpdateHandler = typing.Callable[[str], None]  # (deployment_id)
+ConfigChangedHandler = typing.Callable[[typing.List[str]], None]  # (key path of the changed node)
+ValidateHandler = typing.Callable[[str, typing.Dict[str, Any]], None]  # (deployment_id, whole proposed configuration)
+ClosedHandler = typing.Callable[[], None]
 
 
 class NucleusError(Exception):
@@ -63,7 +64,7 @@ class NucleusSession(Protocol):
 
 
 #: Connects a new session; the argument is called (once, from a client thread) when the connection drops.
-SessionFactory = Callable[[Callable[[], None]], NucleusSession]
+SessionFactory = typing.Callable[[typing.Callable[[], None]], NucleusSession]
 
 
 class AwsNucleusSession:

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from agent.compat import shutdown_cancelling
 from agent.core.lifecycle import ModelInfo, ModelRegistry, ModelStatus
 from agent.errors import AgentError
 
@@ -82,7 +83,7 @@ class RunningModels:
         """Stop recording: the shutdown that follows stops every model, which is not a client's choice."""
         with self._lock:
             self._frozen = True
-        self._worker.shutdown(wait=False, cancel_futures=True)
+        shutdown_cancelling(self._worker, wait=False)
 
     # -- RegistryListener -----------------------------------------------------------------------
     def on_status(self, info: ModelInfo) -> None:

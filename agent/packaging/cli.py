@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import shlex
+import typing  # runtime-evaluated aliases below: collections.abc generics need Python >= 3.9
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import Any
 from agent import __version__
 from agent.packaging.errors import ValidationException
 
-Param = tuple[str, str, str]  # (--flag, PascalCaseKey, kind: str | int | json)
+Param = typing.Tuple[str, str, str]  # (--flag, PascalCaseKey, kind: str | int | json)
 
 
 def _json_default(value: Any) -> Any:

@@ -235,7 +235,9 @@ def _session(path: Path, level: str = "ORT_DISABLE_ALL", save_to: Path | None = 
 def _compare(reference: list[np.ndarray], candidate: list[np.ndarray], names: list[str]) -> float:
     """Largest absolute difference of float outputs; raises if any output disagrees."""
     worst = 0.0
-    for name, a, b in zip(names, reference, candidate, strict=True):
+    if not len(names) == len(reference) == len(candidate):
+        raise RuntimeError(f"outputs {names} gave {len(reference)} reference and {len(candidate)} candidate values")
+    for name, a, b in zip(names, reference, candidate):
         if a.shape != b.shape:
             raise RuntimeError(f"output {name!r} changed shape from {a.shape} to {b.shape}")
         if np.issubdtype(a.dtype, np.floating):

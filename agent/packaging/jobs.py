@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import threading
+import typing  # runtime-evaluated aliases below: collections.abc generics need Python >= 3.9
 import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -34,7 +35,7 @@ from agent.packaging.registry import JobRecord, Registry
 
 log = logging.getLogger(__name__)
 
-OutputFactory = Callable[[JobRecord], Output]
+OutputFactory = typing.Callable[[JobRecord], Output]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -45,7 +45,9 @@ def to_input(*images: np.ndarray) -> np.ndarray:
 
 def run(sess: ort.InferenceSession, *images: np.ndarray, name: str = "input") -> dict[str, np.ndarray]:
     outs = sess.run(None, {name: to_input(*images)})
-    return dict(zip([o.name for o in sess.get_outputs()], outs, strict=True))
+    names = [o.name for o in sess.get_outputs()]
+    assert len(names) == len(outs)
+    return dict(zip(names, outs))
 
 
 def grey(h: int = 64, w: int = 64) -> np.ndarray:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import typing  # runtime-evaluated aliases below: collections.abc generics need Python >= 3.9
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -20,7 +21,7 @@ from agent.serving.grpc.status import grpc_status
 from agent.serving.grpc.wire import InlineMaskResponse, serialize_detect_response
 
 log = logging.getLogger(__name__)
-Handler = TypeVar("Handler", bound=Callable[..., Any])
+Handler = TypeVar("Handler", bound=typing.Callable[..., Any])
 
 
 def _rpc(method: Handler) -> Handler:
@@ -136,7 +137,8 @@ def add_to_server(servicer: EdgeAgentServicer, server: grpc.Server) -> None:
     service = pb.DESCRIPTOR.services_by_name["EdgeAgent"]
     assert set(handlers) == {m.name for m in service.methods}, "a method of the proto has no handler"
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
-    server.add_registered_method_handlers(service.full_name, handlers)
+    if hasattr(server, "add_registered_method_handlers"):  # grpcio >= 1.63: dispatch without a generic lookup
+        server.add_registered_method_handlers(service.full_name, handlers)
 
 
 def _name(name: str) -> str:

@@ -579,7 +579,7 @@ reports p50/p90, page faults and CPU ticks per request of each agent:
 def write_report(report: Report, out_dir: Path, *, plot: bool = True, notes: str | None = None) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     data = asdict(report)
-    data["targets"] = [dict(zip(("target", "op", "value", "limit", "met", "grpcio_bound"), t, strict=True))
+    data["targets"] = [dict(zip(("target", "op", "value", "limit", "met", "grpcio_bound"), t))
                        for t in targets(report)]
     (out_dir / "benchmarks.json").write_text(json.dumps(data, indent=1, allow_nan=True) + "\n")
     notes_file = out_dir / "benchmarks-notes.md"
@@ -604,7 +604,7 @@ def _plot(report: Report, path: Path) -> bool:
     fig, axes = plt.subplots(1, len(models), figsize=(7 * len(models), 4.6), squeeze=False)
     colors = {"floor": "#777777", "bytes": "#1f77b4", "shm": "#2ca02c", "grpcio-bytes": "#aec7e8",
               "grpcio-shm": "#98df8a"}
-    for ax, model in zip(axes[0], models, strict=True):
+    for ax, model in zip(axes[0], models):
         groups = sorted({(r.frame, r.clients) for r in report.results if r.model == model},
                         key=lambda g: (list(FRAMES).index(g[0]), g[1]))
         width = 0.8 / len(MODES)
