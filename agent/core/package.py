@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from agent.errors import PackageError
+from agent.errors import ModelLoadError, PackageError
 
 MANIFEST = "manifest.json"
 FORMAT = "edge-agent/model-package"
@@ -317,28 +317,15 @@ class OnnxSignature:
 
 
 def inspect_onnx(path: Path) -> OnnxSignature:
-    """Input/output names and shapes and external data files of an ONNX model, without its weights."""
-    import onnx
+    """Input/output names and shapes and external data files of an ONNX model, read without its weights (and
+    without the `onnx` package, which a device install lacks: agent/core/onnx_graph.py)."""
+    from agent.core.onnx_graph import read_signature
 
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # onnx raises DecodeError, ValueError... for a non-ONNX file
-        raise PackageError(f"{path.name} is not a readable ONNX model: {exc}") from exc
-    init_names = {t.name for t in model.graph.initializer}
-
-    def dims(value_info: Any) -> list[int | str]:
-        return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
-                for d in value_info.type.tensor_type.shape.dim]
-
-    externals: set[str] = set()
-    for tensor in model.graph.initializer:
-        for entry in tensor.external_data:
-            if entry.key == "location":
-                externals.add(str(safe_relative(entry.value, "external data location")))
+    sig = read_signature(str(path), path.name)
     return OnnxSignature(
-        inputs=[(i.name, dims(i)) for i in model.graph.input if i.name not in init_names],
-        outputs=[(o.name, dims(o)) for o in model.graph.output],
-        external_files=sorted(externals),
+        inputs=sig.inputs,
+        outputs=sig.outputs,
+        external_files=sorted({str(safe_relative(f, "external data location")) for f in sig.external_files}),
     )
 
 
@@ -380,8 +367,6 @@ def build_package(
     files are copied along. score_activation "auto" applies softmax to a classifier's 2-class
     output (logits) and nothing to a single score. The result is loaded back with load_package, so it is valid.
     """
-    import onnx
-
     src = Path(onnx_path)
     if not src.is_file():
         raise PackageError(f"{src} does not exist")
@@ -395,10 +380,12 @@ def build_package(
     for rel in sig.external_files:
         if not (src.parent / rel).is_file():
             raise PackageError(f"{src.name} keeps its weights in {rel!r}, which is not beside it")
+    from agent.runtime.onnx import check_loadable  # ONNX Runtime checks the graph; devices have no `onnx`
+
     try:
-        onnx.checker.check_model(str(src))
-    except Exception as exc:
-        raise PackageError(f"{src.name} fails the ONNX checker: {exc}") from exc
+        check_loadable(src)
+    except ModelLoadError as exc:
+        raise PackageError(f"{src.name}: {exc}") from exc
     if len(sig.inputs) != 1:
         raise PackageError(f"expected a model with one image input, found {[n for n, _ in sig.inputs]}")
     input_name, input_shape = sig.inputs[0]

@@ -9,6 +9,9 @@ the load instead.
 from __future__ import annotations
 
 import logging
+import os
+import re
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from agent.core import onnx_graph
 from agent.core.package import ModelPackage
 from agent.errors import ModelLoadError
 from agent.runtime.base import TensorSpec
@@ -67,8 +71,7 @@ class OnnxRuntime:
 
     def requested_providers(self, package: ModelPackage) -> list[str]:
         """Provider names to ask for, best first: config, else the package's choice, else all available."""
-        import onnxruntime as ort
-
+        ort = import_onnxruntime()
         available = ort.get_available_providers()
         wanted = self.options.providers
         if wanted == ("auto",):
@@ -95,8 +98,7 @@ class OnnxRuntime:
         return {}
 
     def load(self, package: ModelPackage) -> OnnxSession:
-        import onnxruntime as ort
-
+        ort = import_onnxruntime()
         requested = self.requested_providers(package)
         so = ort.SessionOptions()
         so.graph_optimization_level = getattr(
@@ -107,11 +109,7 @@ class OnnxRuntime:
         # Busy-waiting intra-op threads burn the cores the gRPC, pre- and post-processing threads need.
         so.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.options.allow_spinning else "0")
         providers = [(n, self._provider_options(n, package)) for n in requested]
-        try:
-            session = ort.InferenceSession(str(package.model_file), sess_options=so, providers=providers)
-        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
-            raise ModelLoadError(f"ONNX Runtime could not load {package.model_file.name}: {_first_line(exc)}") \
-                from exc
+        session = open_session(ort, package.model_file, so, providers)
         used = list(session.get_providers())
         note = self._check_providers(package, requested, used)
         return OnnxSession(session, note)
@@ -130,6 +128,88 @@ class OnnxRuntime:
             log.warning("model %s: %s", package.name, note)
             return note
         return f"running on {used[0]}"
+
+
+def import_onnxruntime() -> Any:
+    """The onnxruntime module, or a ModelLoadError saying how to install it (the core install has none)."""
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise ModelLoadError("ONNX Runtime is not installed: install edge-agent[cpu] or edge-agent[gpu] "
+                             "(on a Jetson, NVIDIA's onnxruntime-gpu wheel for its JetPack)") from exc
+    return onnxruntime
+
+
+# "Unsupported model IR version: 10, max supported IR version: 9" (onnxruntime/core/graph/model.cc)
+_IR_REFUSED = re.compile(r"Unsupported model IR version: (\d+), max supported IR version: (\d+)")
+
+
+def open_session(ort: Any, model_file: Path, sess_options: Any, providers: Sequence[Any]) -> Any:
+    """ort.InferenceSession over model_file; a model whose IR version is newer than this ONNX Runtime reads
+    (anomalib 2.x / torch >= 2.5 write IR 10; ONNX Runtime 1.16-1.17 on JetPack 5 read up to 9) is loaded with the
+    older IR version when it uses nothing that version lacks. Anything else it cannot load is a ModelLoadError
+    that says why."""
+    name = model_file.name
+    try:
+        return ort.InferenceSession(str(model_file), sess_options=sess_options, providers=list(providers))
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
+        refused = _IR_REFUSED.search(str(exc))
+        if not refused:
+            raise ModelLoadError(f"ONNX Runtime could not load {name}: {_first_line(exc)}") from exc
+    model_ir, max_ir = int(refused.group(1)), int(refused.group(2))
+    data = model_file.read_bytes()
+    newer = onnx_graph.newer_ir_features(data)
+    if newer:
+        raise ModelLoadError(
+            f"{name} is ONNX IR version {model_ir} and ONNX Runtime {ort.__version__} reads up to IR {max_ir}; it "
+            f"cannot be loaded as IR {max_ir} because it uses {', '.join(newer)}. Re-export the model without "
+            f"those (IR <= {max_ir}, ONNX opset <= the one this ONNX Runtime supports), or serve it with a newer "
+            "ONNX Runtime (JetPack 6 / x86 with edge-agent[cpu] or [gpu])")
+    log.info("%s: ONNX IR version %d is newer than ONNX Runtime %s reads (%d) but the graph uses nothing newer "
+             "than IR 9; loading it as IR %d", name, model_ir, ort.__version__, max_ir, max_ir)
+    patched = onnx_graph.with_ir_version(data, max_ir)
+    del data
+    try:
+        return _session_from_patched(ort, model_file, patched, sess_options, providers)
+    except Exception as exc:
+        raise ModelLoadError(f"ONNX Runtime {ort.__version__} could not load {name} (ONNX IR version {model_ir}, "
+                             f"loaded as IR {max_ir}): {_first_line(exc)}") from exc
+
+
+def _session_from_patched(ort: Any, model_file: Path, patched: bytes, sess_options: Any,
+                          providers: Sequence[Any]) -> Any:
+    externals = onnx_graph.read_signature(patched, model_file.name).external_files
+    if not externals:
+        return ort.InferenceSession(patched, sess_options=sess_options, providers=list(providers))
+    # ONNX Runtime resolves external data beside the model file, and a model given as bytes has none. ONNX Runtime
+    # 1.16-1.17 (the ones that need this for IR 10) accept the patched model in a scratch directory with links to
+    # the weight files (nothing is copied); newer ones refuse links that leave that directory but take the weights'
+    # folder as a session option instead.
+    try:
+        with tempfile.TemporaryDirectory(prefix="edge-agent-ir-") as tmp:
+            copy = Path(tmp) / model_file.name
+            copy.write_bytes(patched)
+            for rel in externals:
+                link = Path(tmp) / rel
+                link.parent.mkdir(parents=True, exist_ok=True)
+                os.symlink(model_file.parent.resolve() / rel, link)
+            return ort.InferenceSession(str(copy), sess_options=sess_options, providers=list(providers))
+    except Exception as exc:
+        if "External data path" not in str(exc):
+            raise
+    sess_options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                          str(model_file.parent.resolve()))
+    return ort.InferenceSession(patched, sess_options=sess_options, providers=list(providers))
+
+
+def check_loadable(model_file: Path) -> None:
+    """Let ONNX Runtime (CPU, no graph optimisation) read the model: the check `model build` makes instead of
+    onnx.checker, which a device install does not have. ModelLoadError says what is wrong."""
+    ort = import_onnxruntime()
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 3
+    open_session(ort, model_file, so, ["CPUExecutionProvider"])
 
 
 def _first_line(exc: BaseException) -> str:
