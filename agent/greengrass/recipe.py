@@ -5,7 +5,7 @@ it are derived from AgentConfig and checked against it by the tests and `scripts
 --check`, so they cannot drift:
 
 * `ComponentConfiguration.DefaultConfiguration`: every AgentConfig Greengrass key at its default
-  (`default_configuration()`), plus the recipe-only install key `UseSystemOnnxRuntime`.
+  (`default_configuration()`), plus the recipe-only install keys `UseSystemOnnxRuntime` and `InstallProfile`.
 * the Run step's `Setenv`: every key whose live change needs a restart, passed as its
   EDGE_AGENT_* variable (`setenv()`). Interpolating those keys into the lifecycle makes the
   nucleus restart the component when one of them changes, so they do take effect; keys that apply
@@ -23,7 +23,9 @@ from agent.config import ENV_PREFIX, AgentConfig, _snake
 from agent.greengrass import COMPONENT_NAME
 
 #: Keys the recipe has that AgentConfig does not: they steer the Install step only.
-INSTALL_KEYS: dict[str, Any] = {"UseSystemOnnxRuntime": False}
+#: UseSystemOnnxRuntime: use a system-wide ONNX Runtime (JetPack's NVIDIA wheel) and install none;
+#: InstallProfile: otherwise the extra that brings ONNX Runtime, "cpu" (onnxruntime) or "gpu" (onnxruntime-gpu).
+INSTALL_KEYS: dict[str, Any] = {"UseSystemOnnxRuntime": False, "InstallProfile": "cpu"}
 VERSION_PLACEHOLDER = "@COMPONENT_VERSION@"
 WHEEL_URI_PLACEHOLDER = "@WHEEL_URI@"
 PLATFORMS = (("linux", "aarch64"), ("linux", "amd64"))

@@ -65,8 +65,8 @@ def test_each_platform_installs_the_wheel_and_runs_the_agent(recipe: dict[str, A
     assert set(lifecycle) == {"Install", "Run"}
     assert "edge-agent serve" in lifecycle["Run"]["Script"]
     config = default_configuration()
-    for system_ort in (False, True):
-        config["UseSystemOnnxRuntime"] = system_ort
+    for system_ort, profile in ((False, "cpu"), (False, "gpu"), (True, "cpu")):
+        config["UseSystemOnnxRuntime"], config["InstallProfile"] = system_ort, profile
         for step in ("Install", "Run"):
             script = interpolate(lifecycle[step]["Script"], config)
             assert not PLACEHOLDER.search(script), f"{step}: left {PLACEHOLDER.findall(script)}"
@@ -74,6 +74,9 @@ def test_each_platform_installs_the_wheel_and_runs_the_agent(recipe: dict[str, A
             assert check.returncode == 0, f"{arch} {step} is not valid shell: {check.stderr}"
     install = lifecycle["Install"]["Script"]
     assert "--system-site-packages" in install and "{configuration:/UseSystemOnnxRuntime}" in install
+    # The profile picks the extra with ONNX Runtime in it; a system-wide ONNX Runtime gets the bare wheel.
+    assert '"$WHEEL[$PROFILE]"' in install and "{configuration:/InstallProfile}" in install
+    assert install.count('pip install "$WHEEL"') == 1
     assert lifecycle["Install"]["Timeout"] >= 600
 
 
