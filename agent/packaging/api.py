@@ -244,7 +244,7 @@ class Client:
                      Normalize: str | None = None) -> dict[str, Any]:
         """Import an ONNX model (and its .data file) as the project's next model version.
 
-        Validated first (ONNX checker, loads and runs in ONNX Runtime, outputs recognised for its
+        Validated first (loads and runs in ONNX Runtime, outputs recognised for its
         kind); a bad file raises ValidationException and leaves nothing behind.
         """
         _check(ProjectName, PROJECT_NAME, "ProjectName")
