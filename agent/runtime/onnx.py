@@ -155,7 +155,7 @@ def open_session(ort: Any, model_file: Path, sess_options: Any, providers: Seque
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
         refused = _IR_REFUSED.search(str(exc))
         if not refused:
-            raise ModelLoadError(f"ONNX Runtime could not load {name}: {_first_line(exc)}") from exc
+            raise ModelLoadError(f"ONNX Runtime could not load {name}: {_ort_reason(exc, ort.__version__)}") from exc
     model_ir, max_ir = int(refused.group(1)), int(refused.group(2))
     data = model_file.read_bytes()
     newer = onnx_graph.newer_ir_features(data)
@@ -173,7 +173,7 @@ def open_session(ort: Any, model_file: Path, sess_options: Any, providers: Seque
         return _session_from_patched(ort, model_file, patched, sess_options, providers)
     except Exception as exc:
         raise ModelLoadError(f"ONNX Runtime {ort.__version__} could not load {name} (ONNX IR version {model_ir}, "
-                             f"loaded as IR {max_ir}): {_first_line(exc)}") from exc
+                             f"loaded as IR {max_ir}): {_ort_reason(exc, ort.__version__)}") from exc
 
 
 def _session_from_patched(ort: Any, model_file: Path, patched: bytes, sess_options: Any,
@@ -200,6 +200,24 @@ def _session_from_patched(ort: Any, model_file: Path, patched: bytes, sess_optio
     sess_options.add_session_config_entry("session.model_external_initializers_file_folder_path",
                                           str(model_file.parent.resolve()))
     return ort.InferenceSession(patched, sess_options=sess_options, providers=list(providers))
+
+
+# ONNX Runtime prefixes its messages with the C++ source location and signature; the reason follows them.
+_ORT_PREFIX = re.compile(r"^.*? failed:\S+:\d+ [^()]*\([^()]*\)\s*", re.S)
+_OPSET_LIMIT = re.compile(r"support for domain ai\.onnx is till opset (\d+)")
+
+
+def _ort_reason(exc: BaseException, version: str) -> str:
+    """ONNX Runtime's reason for refusing a model, without its C++ prefix; an operator set that is too new gets
+    the opset to re-export with."""
+    text = str(exc).strip()
+    limit = _OPSET_LIMIT.search(text)
+    if limit:
+        top = limit.group(1)
+        return (f"ONNX Runtime {version} supports ONNX opsets up to {top} and the model needs a newer one; re-export "
+                f"it with opset_version={top} or lower (torch.onnx.export / anomalib export argument opset_version)")
+    reason = _ORT_PREFIX.sub("", text, count=1).splitlines()
+    return reason[0] if reason else type(exc).__name__
 
 
 def check_loadable(model_file: Path) -> None:

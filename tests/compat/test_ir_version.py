@@ -40,11 +40,13 @@ def stub_for(pb_modules):
         channel.close()
 
 
-def anomalib_export(path: Path, ir_version: int, *, int4_weight: bool = False) -> Path:
+def anomalib_export(path: Path, ir_version: int, *, int4_weight: bool = False, opset: int | None = None) -> Path:
     """An anomalib 2.x-shaped export (weights in model.onnx.data) stamped with ir_version, as torch writes it."""
     build_anomalib_v2(path, external_data=True)
     model = onnx.load(str(path), load_external_data=False)
     model.ir_version = ir_version
+    if opset is not None:
+        model.opset_import[0].version = opset
     if int4_weight:
         # An INT4 initializer (IR 10's new type): an IR 9 runtime cannot hold it, so no downgrade.
         # Built field by field: onnx < 1.16 (the Python 3.8 pass) has no INT4 in its helpers.
@@ -119,6 +121,20 @@ def test_model_that_needs_the_newer_ir_fails_saying_why(tmp_path, models_dir, ag
     assert desc.status == pb.FAILED
     assert "cannot be loaded as IR" in desc.status_message and "4-bit" in desc.status_message
     assert "Re-export" in desc.status_message
+
+
+def test_opset_newer_than_the_runtime_knows_says_which_to_export_with(tmp_path):
+    # torch's dynamo exporter (anomalib 2.7) writes IR 10 at opset 18+; opset 21 is past ONNX Runtime 1.16's 19.
+    src = anomalib_export(tmp_path / "export" / "model.onnx", 10, opset=21)
+    with pytest.raises(ModelLoadError) as info:
+        check_loadable(src)
+    message = str(info.value)
+    assert "onnxruntime::" not in message  # the reason, without ONNX Runtime's C++ prefix
+    if ort.__version__.startswith(("1.16.", "1.17.")):
+        assert "supports ONNX opsets up to 19" in message and "opset_version=19 or lower" in message
+    else:
+        # A runtime that knows opset 21 reads the graph, and finds the opset-17 ReduceMax (axes attribute) wrong.
+        assert "ReduceMax" in message
 
 
 def test_int4_cast_and_overloads_are_newer_features(tmp_path):
