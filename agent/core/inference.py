@@ -13,6 +13,7 @@ from typing import Protocol
 
 from agent.core.frames import SharedMemory, ShmHandle, as_image, check_size
 from agent.core.lifecycle import ModelRegistry
+from agent.core.masks import MaskPolicy
 from agent.core.pipeline import Clock, Detection
 from agent.errors import InvalidInput
 
@@ -34,10 +35,15 @@ class DetectObserver(Protocol):
                   read_seconds: float, pixels: int) -> None: ...
 
 
+_FULL = MaskPolicy(inline="full")
+
+
 class InferenceService:
     def __init__(self, registry: ModelRegistry, *, clock: Clock = time.perf_counter,
-                 observer: DetectObserver | None = None, shared_memory: SharedMemory | None = None) -> None:
+                 observer: DetectObserver | None = None, shared_memory: SharedMemory | None = None,
+                 mask_policy: MaskPolicy | None = None) -> None:
         self.registry = registry
+        self.mask_policy = mask_policy or MaskPolicy()  # inline masks (settings InlineMask*); replaced live
         self.clock = clock
         self.observer = observer
         self.shm = shared_memory or SharedMemory()
@@ -60,15 +66,18 @@ class InferenceService:
                 image = as_image(request.data, request.width, request.height)
             read = self.clock() - t0
             mask_out = None
+            policy = self.mask_policy
             if request.mask_shm is not None:
+                policy = _FULL  # the caller's segment always gets the full-size mask
                 # Render the mask straight into the client's segment. If it can't be mapped, go on:
                 # the write below reports the problem, and only if the model makes a mask at all.
                 try:
-                    mask_out = self.shm.mask_region(request.mask_shm, request.width * request.height * 3)
+                    mask_w, mask_h = model.predictor.mask_size(request.width, request.height)
+                    mask_out = self.shm.mask_region(request.mask_shm, mask_w * mask_h * 3)
                 except InvalidInput:
                     mask_out = None
             with model.gate.slot(self.clock) as waited:
-                detection = model.predictor.predict(image, mask_out)
+                detection = model.predictor.predict(image, mask_out, policy)
             if request.mask_shm is not None and detection.mask is not None:  # not rendered in place
                 self.shm.write(request.mask_shm, detection.mask)
             return detection

@@ -1,9 +1,17 @@
 """Model packages: a directory with manifest.json + the ONNX file (+ its external .data file).
 
-The manifest follows the Lookout for Vision / DDA model-component manifest where keys exist
-(`model_graph.stages[0]` with `threshold` and pre-processing, `dataset` image size,
-`pixel_level_classes`, `runtime`, `runtime_artifact`) and adds what those lack (kind, output
-roles, colours, execution-provider preferences, checksums). docs/model-package.md documents it.
+Two manifest formats are read:
+
+* the project's own (``"format": "edge-agent/model-package"``): the Lookout for Vision / DDA model
+  manifest's keys where they exist (``model_graph.stages[0]`` with ``threshold``, pre-processing and the
+  class-normal keys, ``model_graph.image_level_classes`` / ``pixel_level_classes``, ``dataset``,
+  ``runtime``, ``runtime_artifact``) plus what those lack (kind, output roles, colours, execution
+  preferences, checksums);
+* DDA / Lookout for Vision packages (no ``format`` key, a DDA stage type such as ``mochi``): read by
+  agent/core/formats/dda.py with DDA's semantics, the model at ``<stage type>/<runtime_artifact>``.
+  Neo/DLR-compiled legacy packages are recognised (agent/core/formats/lfv.py) and listed FAILED.
+
+docs/model-package.md documents both.
 """
 
 from __future__ import annotations
@@ -20,23 +28,28 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from agent.core.masks import DEFAULT_PALETTE
 from agent.errors import PackageError
+
+__all__ = ["DEFAULT_PALETTE", "ModelPackage", "build_package", "load_package"]
 
 MANIFEST = "manifest.json"
 FORMAT = "edge-agent/model-package"
-FORMAT_VERSION = 1
+#: 2 added the class-normal keys, classification_logic, raw_image_shape and cv2 interpolation codes.
+FORMAT_VERSION = 2
+#: Versions of FORMAT this agent reads; a newer one is refused (its keys could change results).
+READABLE_VERSIONS = (1, 2)
 KINDS = ("anomalib", "anomalib_v1", "classification", "segmentation")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 HEX_RE = re.compile(r"^#[0-9A-Fa-f]{6}$")
 IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 MIN_SIDE, MAX_SIDE = 1, 8192
-
-# Lookout for Vision's mask palette (index 0 = background, white), used when a package names no colours.
-DEFAULT_PALETTE = (
-    "#FFFFFF", "#23A436", "#14A3B3", "#F76902", "#9380FF", "#BD10E0", "#467CE6", "#A09308", "#0094BD",
-    "#CC7700", "#5856D6", "#D61CB0", "#E3242B", "#2E8B57", "#FFB000", "#7D3C98", "#1F77B4", "#8C564B",
-    "#17BECF", "#BCBD22",
-)
+PROVIDERS = ("tensorrt", "cuda", "cpu")
+CLASSIFICATION_LOGIC = ("cls_head", "seg_head", "cls_and_seg", "cls_or_seg")
+#: OpenCV interpolation codes (cv2.INTER_NEAREST .. INTER_NEAREST_EXACT) a stage's "interpolation" may name;
+#: DDA passes the number straight to cv2.resize. The string "bilinear" means Pillow's bilinear (our own packages).
+CV2_INTERPOLATIONS = {"nearest": 0, "linear": 1, "cubic": 2, "area": 3, "lanczos4": 4, "linear_exact": 5,
+                      "nearest_exact": 6}
 
 
 @dataclass(frozen=True)
@@ -61,6 +74,16 @@ class Normalization:
     score_max: float
     map_min: float
     map_max: float
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """DDA's optional Platt calibration of the classification score (SKLearnScoreCalibration):
+    p = 1 / (1 + exp(scaling * s + shift)), s = score / max_val_score when max_val_score > 1."""
+
+    max_val_score: float
+    scaling: float
+    shift: float
 
 
 @dataclass(frozen=True)
@@ -91,14 +114,42 @@ class ModelPackage:
     autostart: bool
     checksums: Mapping[str, str] = field(default_factory=dict)
     fingerprint: str = ""
+    #: FORMAT, or "dda" for a DDA / Lookout for Vision manifest.
+    format: str = FORMAT
+    #: How outputs become score and mask: "edge-agent" (the kinds' table) or "dda" (DDA's multi-head rules).
+    semantics: str = "edge-agent"
+    #: Resizing of frames to the model: "bilinear" (Pillow) or an OpenCV INTER_* code (cv2.resize).
+    interpolation: str | int = "bilinear"
+    #: Image-level (classification head) classes: names and the indexes that mean "normal".
+    image_class_names: tuple[str, ...] = ()
+    class_normal_ids: tuple[int, ...] = (0,)
+    #: Pixel classes that are normal for classification_logic (None: no override, as in DDA).
+    seg_normal_ids: tuple[int, ...] | None = None
+    classification_logic: str | None = None
+    #: (height, width) the class mask is resized to (DDA: the camera image's size); None = the frame's size.
+    raw_image_shape: tuple[int, int] | None = None
+    #: DDA multi-head flags (semantics "dda").
+    cls_head: bool = False
+    seg_head: bool = False
+    calibration: Calibration | None = None
+    seg_recall_bias: float | None = None
+    #: Why the agent cannot run this package (e.g. a Neo/DLR-compiled LFV model); it is listed FAILED.
+    unservable: str = ""
 
     @property
     def version(self) -> str:
         """What logs, metrics and status messages call this package: its model_version, else its fingerprint."""
         return self.model_version or self.fingerprint
 
+    @property
+    def resampler(self) -> str:
+        """Which library's resampling this package follows: "pillow" or "cv2" (also for its masks)."""
+        return "cv2" if isinstance(self.interpolation, int) else "pillow"
+
     def verify_files(self) -> None:
         """Check every listed file against its sha256 (done at load, off the request path)."""
+        if self.unservable:
+            raise PackageError(self.unservable)
         for rel, expected in self.checksums.items():
             path = self.root / rel
             if not path.is_file():
@@ -148,6 +199,125 @@ def _triple(value: Any, where: str) -> tuple[float, float, float]:
     return (float(value[0]), float(value[1]), float(value[2]))
 
 
+get_typed = _get  # for the format readers (agent/core/formats)
+
+
+def id_list(value: Any, where: str) -> tuple[int, ...]:
+    """A list of class indexes (non-negative ints)."""
+    if not isinstance(value, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                              for i in value):
+        raise PackageError(f"{where} must be a list of class indexes (integers >= 0), got {value!r}")
+    return tuple(value)
+
+
+def class_table(doc: Mapping[str, Any], graph: Mapping[str, Any], key: str) -> dict[str, Any]:
+    """model_graph.<key> (where LFV / DDA keep it), else a top-level <key> (packages built before format 2)."""
+    table = _get(graph, key, dict, "model_graph", None)
+    if table is None:
+        table = _get(doc, key, dict, "manifest", None)
+    return dict(table) if table is not None else {}
+
+
+def parse_threshold(stage: Mapping[str, Any], where: str, default: float | None = 0.5) -> float:
+    value = _get(stage, "threshold", (int, float), where, default)
+    if value is None:
+        raise PackageError(f"{where}.threshold is required")
+    threshold = float(value)
+    if not (math.isfinite(threshold) and 0.0 <= threshold <= 1.0):
+        raise PackageError(f"{where}.threshold must be within 0..1, got {threshold}")
+    return threshold
+
+
+def parse_normalize(stage: Mapping[str, Any], where: str) -> tuple[Any, Any]:
+    """(mean, std) or (None, None): normalize is true / "imagenet" (DDA's fixed ImageNet statistics),
+    an object with mean and std, or false / null."""
+    normalize = stage.get("normalize")
+    if not normalize:
+        return None, None
+    if normalize is True or normalize == "imagenet":
+        normalize = IMAGENET
+    if not isinstance(normalize, dict):
+        raise PackageError(f"{where}.normalize must be an object with mean and std, 'imagenet', true or null")
+    mean = _triple(normalize.get("mean"), f"{where}.normalize.mean")
+    std = _triple(normalize.get("std"), f"{where}.normalize.std")
+    if any(s <= 0 for s in std):
+        raise PackageError(f"{where}.normalize.std must be positive")
+    return mean, std
+
+
+def parse_interpolation(stage: Mapping[str, Any], where: str, default: str | int) -> str | int:
+    """"bilinear" (Pillow, the project's own packages) or an OpenCV INTER_* code (number or name)."""
+    value = stage.get("interpolation", default)
+    if value is None:
+        value = default
+    if isinstance(value, str) and value.lower() in CV2_INTERPOLATIONS:
+        return CV2_INTERPOLATIONS[value.lower()]
+    if value == "bilinear":
+        return value
+    if isinstance(value, int) and not isinstance(value, bool) and value in CV2_INTERPOLATIONS.values():
+        return value
+    raise PackageError(f"{where}.interpolation {value!r} must be \"bilinear\" or an OpenCV interpolation code "
+                       f"0..6 or name ({', '.join(CV2_INTERPOLATIONS)})")
+
+
+def parse_raw_image_shape(stage: Mapping[str, Any], where: str) -> tuple[int, int] | None:
+    value = stage.get("raw_image_shape")
+    if value is None:
+        return None
+    if not (isinstance(value, list) and len(value) == 2 and all(isinstance(v, int) and not isinstance(v, bool)
+                                                                  and MIN_SIDE <= v <= MAX_SIDE for v in value)):
+        raise PackageError(f"{where}.raw_image_shape must be [height, width] in pixels, got {value!r}")
+    return (value[0], value[1])
+
+
+def parse_logic(stage: Mapping[str, Any], where: str) -> tuple[str | None, tuple[int, ...] | None]:
+    """(classification_logic, seg_normal_ids): DDA overrides the verdict only when both are present."""
+    logic = _get(stage, "classification_logic", str, where, None)
+    if logic is not None and logic not in CLASSIFICATION_LOGIC:
+        raise PackageError(f"{where}.classification_logic {logic!r} must be one of {list(CLASSIFICATION_LOGIC)}")
+    seg_normal = stage.get("seg_normal_ids")
+    return logic, (None if seg_normal is None else id_list(seg_normal, f"{where}.seg_normal_ids"))
+
+
+def parse_colors(classes: Mapping[str, Any], names: tuple[str, ...], where: str) -> tuple[str, ...]:
+    colors = tuple(_get(classes, "colors", list, where, []))
+    for c in colors:
+        if not isinstance(c, str) or not HEX_RE.match(c):
+            raise PackageError(f"{where}.colors entry {c!r} is not #RRGGBB")
+    if colors and len(colors) < len(names):
+        raise PackageError(f"{where} has {len(names)} names but only {len(colors)} colors")
+    return tuple(c.upper() for c in colors)
+
+
+def parse_execution(doc: Mapping[str, Any]) -> ExecutionPrefs:
+    execution = _get(doc, "execution", dict, "manifest", {})
+    providers = tuple(str(p).lower() for p in _get(execution, "providers", list, "execution", []))
+    unknown = [p for p in providers if p not in PROVIDERS]
+    if unknown:
+        raise PackageError(f"execution.providers {unknown} are not execution providers; use {list(PROVIDERS)}")
+    return ExecutionPrefs(
+        providers=providers,
+        trt_fp16=bool(execution.get("trt_fp16", True)),
+        gpu_code=str(execution.get("gpu_code", "")),
+        trt_ver=str(execution.get("trt_ver", "")),
+        cuda_ver=str(execution.get("cuda_ver", "")),
+        graph_optimization=str(execution.get("graph_optimization", "all")),
+    )
+
+
+def parse_checksums(doc: Mapping[str, Any]) -> dict[str, str]:
+    files = _get(doc, "files", dict, "manifest", {})
+    for rel in files:
+        safe_relative(rel, "files entry")
+    return {str(k): str(v) for k, v in files.items()}
+
+
+def fingerprint(raw: bytes, path: Path) -> str:
+    """Changes when the manifest or the model file (size, mtime) changes: what discovery compares."""
+    stat = path.stat()
+    return hashlib.sha256(raw + f"{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+
+
 def load_package(root: Path | str) -> ModelPackage:
     """Read and validate <root>/manifest.json; raises PackageError saying what is wrong."""
     root = Path(root)
@@ -164,6 +334,22 @@ def load_package(root: Path | str) -> ModelPackage:
         raise PackageError(f"{path}: not valid JSON: {exc}") from exc
     if not isinstance(doc, dict):
         raise PackageError(f"{path}: the manifest must be a JSON object")
+    fmt = doc.get("format")
+    if fmt is None:
+        from agent.core.formats import dda
+
+        if dda.is_dda(doc):
+            return dda.parse(root, doc, raw)
+    elif fmt != FORMAT:
+        raise PackageError(f"manifest format {fmt!r} is unknown; this agent reads {FORMAT!r} and DDA / Lookout for "
+                           "Vision manifests")
+    version = doc.get("format_version", 1)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise PackageError(f"format_version {version!r} must be a positive integer")
+    if version not in READABLE_VERSIONS:
+        readable = ", ".join(str(v) for v in READABLE_VERSIONS)
+        raise PackageError(f"format_version {version} is newer than this agent reads ({readable} of {FORMAT}); "
+                           "upgrade the agent or rebuild the package with it")
     return _parse(root, doc, raw)
 
 
@@ -195,61 +381,38 @@ def _parse(root: Path, doc: Mapping[str, Any], raw: bytes) -> ModelPackage:
         raise PackageError("the model input size is missing (model_graph.stages[0].image_width/image_height)")
     if not (MIN_SIDE <= width <= MAX_SIDE and MIN_SIDE <= height <= MAX_SIDE):
         raise PackageError(f"model input size {width}x{height} is out of range")
-    threshold = float(_get(stage, "threshold", (int, float), sw, 0.5))
-    if not (math.isfinite(threshold) and 0.0 <= threshold <= 1.0):
-        raise PackageError(f"{sw}.threshold must be within 0..1, got {threshold}")
-    normalize = stage.get("normalize")
-    mean = std = None
-    if normalize:
-        if normalize is True or normalize == "imagenet":
-            normalize = IMAGENET
-        if not isinstance(normalize, dict):
-            raise PackageError(f"{sw}.normalize must be an object with mean and std, 'imagenet' or null")
-        mean = _triple(normalize.get("mean"), f"{sw}.normalize.mean")
-        std = _triple(normalize.get("std"), f"{sw}.normalize.std")
-        if any(s <= 0 for s in std):
-            raise PackageError(f"{sw}.normalize.std must be positive")
+    threshold = parse_threshold(stage, sw)
+    mean, std = parse_normalize(stage, sw)
 
     outputs = _get(doc, "outputs", dict, where, {})
     for role, out in outputs.items():
         if not isinstance(out, str) or not out:
             raise PackageError(f"outputs.{role} must name a model output")
 
-    classes = _get(doc, "pixel_level_classes", dict, where, {})
+    pixel = class_table(doc, graph, "pixel_level_classes")
     default_names = ["background", "anomaly"] if kind != "classification" else []
-    names = tuple(str(n) for n in _get(classes, "names", list, "pixel_level_classes", default_names))
-    normal_ids = tuple(_get(classes, "normal_ids", list, "pixel_level_classes", [0]))
-    colors = tuple(_get(classes, "colors", list, "pixel_level_classes", []))
-    for c in colors:
-        if not isinstance(c, str) or not HEX_RE.match(c):
-            raise PackageError(f"pixel_level_classes.colors entry {c!r} is not #RRGGBB")
-    if colors and len(colors) < len(names):
-        raise PackageError(f"pixel_level_classes has {len(names)} names but only {len(colors)} colors")
-    if not all(isinstance(i, int) and 0 <= i < max(len(names), 1) for i in normal_ids):
+    names = tuple(str(n) for n in _get(pixel, "names", list, "pixel_level_classes", default_names))
+    normal_ids = id_list(_get(pixel, "normal_ids", list, "pixel_level_classes", [0]), "pixel_level_classes.normal_ids")
+    colors = parse_colors(pixel, names, "pixel_level_classes")
+    if not all(i < max(len(names), 1) for i in normal_ids):
         raise PackageError("pixel_level_classes.normal_ids must be indexes into names")
+    image = class_table(doc, graph, "image_level_classes")
+    image_names = tuple(str(n) for n in _get(image, "names", list, "image_level_classes", []))
+    # The classification head's normal classes: the stage's class_normal_ids (what DDA scores with), else
+    # image_level_classes.normal_ids, else (packages before format 2) pixel_level_classes.normal_ids.
+    class_normal = stage.get("class_normal_ids")
+    if class_normal is None:
+        class_normal = image.get("normal_ids")
+    class_normal_ids = id_list(class_normal, f"{sw}.class_normal_ids") if class_normal is not None else normal_ids
+    logic, seg_normal_ids = parse_logic(stage, sw)
 
     normalization = None
     if kind == "anomalib_v1":
         normalization = _parse_normalization(_get(doc, "normalization", dict, where, None))
 
-    execution = _get(doc, "execution", dict, where, {})
-    providers = tuple(str(p).lower() for p in _get(execution, "providers", list, "execution", []))
-    prefs = ExecutionPrefs(
-        providers=providers,
-        trt_fp16=bool(execution.get("trt_fp16", True)),
-        gpu_code=str(execution.get("gpu_code", "")),
-        trt_ver=str(execution.get("trt_ver", "")),
-        cuda_ver=str(execution.get("cuda_ver", "")),
-        graph_optimization=str(execution.get("graph_optimization", "all")),
-    )
     activation = _get(doc, "score_activation", str, where, "none")
     if activation not in ("none", "sigmoid", "softmax"):
         raise PackageError(f"score_activation {activation!r} must be none, sigmoid or softmax")
-    files = _get(doc, "files", dict, where, {})
-    for rel in files:
-        safe_relative(rel, "files entry")
-    stat = model_file.stat()
-    fingerprint = hashlib.sha256(raw + f"{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     return ModelPackage(
         root=root,
         name=name,
@@ -271,10 +434,16 @@ def _parse(root: Path, doc: Mapping[str, Any], raw: bytes) -> ModelPackage:
         colors=colors,
         normalization=normalization,
         score_activation=activation,
-        execution=prefs,
+        execution=parse_execution(doc),
         autostart=bool(doc.get("autostart", False)),
-        checksums={str(k): str(v) for k, v in files.items()},
-        fingerprint=fingerprint,
+        checksums=parse_checksums(doc),
+        fingerprint=fingerprint(raw, model_file),
+        interpolation=parse_interpolation(stage, sw, "bilinear"),
+        image_class_names=image_names,
+        class_normal_ids=class_normal_ids,
+        seg_normal_ids=seg_normal_ids,
+        classification_logic=logic,
+        raw_image_shape=parse_raw_image_shape(stage, sw),
     )
 
 
