@@ -22,7 +22,6 @@ import math
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -523,6 +522,28 @@ def detect_kind(sig: OnnxSignature, has_metadata: bool) -> str:
     return "classification"
 
 
+def parse_size(text: str) -> tuple[int, int]:
+    """"WxH" (e.g. "320x240") → (width, height); PackageError saying the expected form otherwise."""
+    w, sep, h = str(text).strip().lower().partition("x")
+    if not sep or not w.isdigit() or not h.isdigit() or not (MIN_SIDE <= int(w) <= MAX_SIDE
+                                                            and MIN_SIDE <= int(h) <= MAX_SIDE):
+        raise PackageError(f"image size {text!r} must be WIDTHxHEIGHT in pixels, e.g. 320x240")
+    return int(w), int(h)
+
+
+def _make_dir(parent: Path, prefix: str) -> Path:
+    """A new, uniquely named directory created with mode 0777 less the umask (tempfile.mkdtemp makes 0700,
+    which would keep the service user from reading a package another user built)."""
+    for _ in range(100):
+        path = parent / f"{prefix}{os.urandom(4).hex()}"
+        try:
+            path.mkdir(mode=0o777)
+            return path
+        except FileExistsError:
+            continue
+    raise PackageError(f"cannot create a temporary directory in {parent}")
+
+
 def build_package(
     onnx_path: Path | str,
     out_dir: Path | str,
@@ -541,13 +562,23 @@ def build_package(
     execution: Mapping[str, Any] | None = None,
     score_activation: str = "auto",
     extra: Mapping[str, Any] | None = None,
+    package_format: str = "edge-agent",
+    class_normal_ids: Sequence[int] | None = None,
+    image_classes: Sequence[str] | None = None,
+    seg_normal_ids: Sequence[int] | None = None,
+    classification_logic: str | None = None,
+    raw_image_size: tuple[int, int] | None = None,
+    interpolation: str | int | None = None,
 ) -> ModelPackage:
     """Write a model package for an ONNX model into out_dir (created; must not exist or be empty).
 
     kind "auto" recognises anomalib 2.x exports by their outputs, anomalib 1.x by the metadata.json
     beside the model, segmentation by a [N,C,H,W] output, else classification. External data
     files are copied along. score_activation "auto" applies softmax to a classifier's 2-class
-    output (logits) and nothing to a single score. The result is loaded back with load_package, so it is valid.
+    output (logits) and nothing to a single score. Settings are checked against the ONNX graph
+    (fixed input size, class channels, output order). package_format "dda" writes DDA's layout and
+    manifest (agent/core/formats/dda.py) for a model whose outputs are probabilities. The result is
+    loaded back with load_package, so it is valid.
     """
     import onnx
 
@@ -555,6 +586,8 @@ def build_package(
     if not src.is_file():
         raise PackageError(f"{src} does not exist")
     validate_name(name)
+    if package_format not in ("edge-agent", "dda"):
+        raise PackageError(f"package format {package_format!r} must be edge-agent or dda")
     sig = inspect_onnx(src)
     metadata_file = src.parent / "metadata.json"
     if kind == "auto":
@@ -571,15 +604,58 @@ def build_package(
     if len(sig.inputs) != 1:
         raise PackageError(f"expected a model with one image input, found {[n for n, _ in sig.inputs]}")
     input_name, input_shape = sig.inputs[0]
-    if len(input_shape) != 4 or input_shape[1] not in (3, "?") and not isinstance(input_shape[1], str):
+    if len(input_shape) != 4 or isinstance(input_shape[1], int) and input_shape[1] != 3:
         raise PackageError(f"input {input_name!r} has shape {input_shape}; expected [N,3,H,W]")
+    fixed_h, fixed_w = input_shape[2], input_shape[3]
+    fixed = isinstance(fixed_h, int) and isinstance(fixed_w, int) and fixed_h > 0 and fixed_w > 0
     if image_size is None:
-        h, w = input_shape[2], input_shape[3]
-        if not (isinstance(h, int) and isinstance(w, int) and h > 0 and w > 0):
+        if not fixed:
             raise PackageError(f"input {input_name!r} has a dynamic size {input_shape}; give the image size")
-        image_size = (w, h)
+        image_size = (int(fixed_w), int(fixed_h))
+    elif fixed and tuple(image_size) != (fixed_w, fixed_h):
+        raise PackageError(f"image size {image_size[0]}x{image_size[1]} does not fit the model: its input "
+                           f"{input_name!r} is fixed at {fixed_w}x{fixed_h} (leave the image size out)")
+    providers = [str(p).lower() for p in (execution or {}).get("providers", [])]
+    unknown = [p for p in providers if p not in PROVIDERS]
+    if unknown:
+        raise PackageError(f"execution providers {unknown} are unknown; choose from {list(PROVIDERS)}")
+    if classification_logic is not None and classification_logic not in CLASSIFICATION_LOGIC:
+        raise PackageError(f"classification logic {classification_logic!r} must be one of "
+                           f"{list(CLASSIFICATION_LOGIC)}")
+    if interpolation is None:
+        interpolation = "area" if package_format == "dda" else "bilinear"
+    interp = parse_interpolation({"interpolation": interpolation}, "interpolation", "bilinear")
     outputs = _output_roles(kind, sig)
+    if kind == "segmentation":
+        channels = dict(sig.outputs)[outputs["logits"]][1]
+        if isinstance(channels, int) and channels < 2:
+            raise PackageError(f"a segmentation model needs a [N,C,H,W] output with C >= 2 class channels; "
+                               f"{outputs['logits']!r} has {channels} (an anomaly map? use --kind anomalib or "
+                               "classification)")
+        if classes and isinstance(channels, int) and len(classes) != channels:
+            raise PackageError(f"{len(classes)} class names for {channels} class channels of {outputs['logits']!r}")
+    if package_format == "dda":
+        from agent.core.formats import dda
 
+        doc, files_map = dda.manifest_for(src, sig, kind=kind, outputs=outputs, name=name, threshold=threshold,
+                                          classes=classes, colors=colors, image_size=image_size, normalize=normalize,
+                                          description=description, arn=arn, model_version=model_version,
+                                          autostart=autostart, providers=providers, class_normal_ids=class_normal_ids,
+                                          image_classes=image_classes, seg_normal_ids=seg_normal_ids,
+                                          classification_logic=classification_logic, raw_image_size=raw_image_size,
+                                          interpolation=interp)
+        return _write_package(src, out_dir, doc, files_map)
+
+    stage: dict[str, Any] = {
+        "type": kind,
+        "threshold": 0.5 if threshold is None else float(threshold),
+        "image_width": image_size[0],
+        "image_height": image_size[1],
+        "image_range_scale": True,
+        "normalize": IMAGENET if normalize == "imagenet" else None,
+        "interpolation": interp,
+    }
+    graph: dict[str, Any] = {"model_graph_type": "single_stage_model_graph", "stages": [stage]}
     doc: dict[str, Any] = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -593,30 +669,32 @@ def build_package(
         "input": input_name,
         "outputs": outputs,
         "dataset": {"image_width": image_size[0], "image_height": image_size[1]},
-        "model_graph": {
-            "model_graph_type": "single_stage_model_graph",
-            "stages": [{
-                "type": kind,
-                "threshold": 0.5 if threshold is None else float(threshold),
-                "image_width": image_size[0],
-                "image_height": image_size[1],
-                "image_range_scale": True,
-                "normalize": IMAGENET if normalize == "imagenet" else None,
-                "interpolation": "bilinear",
-            }],
-        },
+        "model_graph": graph,
         "autostart": autostart,
     }
-    if kind == "classification":
+    if class_normal_ids is not None:
+        stage["class_normal_ids"] = [int(i) for i in class_normal_ids]
+    if seg_normal_ids is not None:
+        stage["seg_normal_ids"] = [int(i) for i in seg_normal_ids]
+    if classification_logic is not None:
+        stage["classification_logic"] = classification_logic
+    if raw_image_size is not None:
+        stage["raw_image_shape"] = [int(raw_image_size[1]), int(raw_image_size[0])]
+    if image_classes:
+        graph["image_level_classes"] = {"names": list(image_classes),
+                                        "normal_ids": [int(i) for i in (class_normal_ids or [0])]}
+    scores = outputs.get("score") or outputs.get("class_scores")
+    if kind == "classification" or "class_scores" in outputs:
         if score_activation == "auto":
-            last = sig.outputs[0][1][-1] if sig.outputs[0][1] else 1
+            shape = dict(sig.outputs)[scores]
+            last = shape[-1] if shape else 1
             score_activation = "softmax" if isinstance(last, int) and last >= 2 else "none"
         doc["score_activation"] = score_activation
-    else:
+    if kind != "classification":
         names = list(classes) if classes else ["background", "anomaly"]
-        doc["pixel_level_classes"] = {"names": names, "normal_ids": [0]}
+        graph["pixel_level_classes"] = {"names": names, "normal_ids": [0]}
         if colors:
-            doc["pixel_level_classes"]["colors"] = [c.upper() for c in colors]
+            graph["pixel_level_classes"]["colors"] = [c.upper() for c in colors]
     if kind == "anomalib_v1":
         if not metadata_file.is_file():
             raise PackageError("an anomalib 1.x export needs the metadata.json written beside the model")
@@ -625,26 +703,32 @@ def build_package(
         except json.JSONDecodeError as exc:
             raise PackageError(f"{metadata_file}: not valid JSON: {exc}") from exc
     if execution:
-        doc["execution"] = dict(execution)
+        doc["execution"] = {**execution, **({"providers": providers} if providers else {})}
     if extra:
         doc.update(extra)
+    return _write_package(src, out_dir, doc, {rel: rel for rel in [src.name, *sig.external_files]})
 
+
+def _write_package(src: Path, out_dir: Path | str, doc: dict[str, Any], files_map: Mapping[str, str]) -> ModelPackage:
+    """Copy files (package path → path beside src) and write the manifest, beside out_dir then renamed into
+    place, so a watcher never sees half a package; directories get 0777 less the umask."""
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise PackageError(f"{out} exists and is not empty")
     out.parent.mkdir(parents=True, exist_ok=True)
-    # Build beside the target and rename, so a watcher never sees half a package.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = _make_dir(out.parent, f".{out.name}.")
     try:
         files = {}
-        for rel in [src.name, *sig.external_files]:
+        for rel, source in files_map.items():
             dest = tmp / rel
             dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src.parent / rel, dest)
+            shutil.copyfile(src.parent / source, dest)
             files[rel] = sha256_file(dest)
         doc["files"] = files
         (tmp / MANIFEST).write_text(json.dumps(doc, indent=2) + "\n")
         package = load_package(tmp)  # validate what we wrote, with the same rules as the agent
+        if package.unservable:
+            raise PackageError(package.unservable)
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
@@ -666,8 +750,12 @@ def _output_roles(kind: str, sig: OnnxSignature) -> dict[str, str]:
     if kind == "anomalib_v1":
         return {"anomaly_map": names[0]}
     if kind == "segmentation":
-        for n, shape in sig.outputs:
-            if len(shape) == 4:
-                return {"logits": n}
-        raise PackageError(f"segmentation model without a [N,C,H,W] output: {names}")
+        seg = [n for n, shape in sig.outputs if len(shape) == 4]
+        if not seg:
+            raise PackageError(f"segmentation model without a [N,C,H,W] output: {names}")
+        roles = {"logits": seg[0]}
+        heads = [n for n, shape in sig.outputs if len(shape) in (1, 2) and n != seg[0]]
+        if heads:  # a classification head beside the segmentation head scores the image
+            roles["class_scores"] = heads[0]
+        return roles
     return {"score": names[0]}

@@ -199,3 +199,109 @@ def parse(root: Path, doc: Mapping[str, Any], raw: bytes) -> pkg.ModelPackage:
         raw_image_shape=pkg.parse_raw_image_shape(stage, sw) if seg_head else None,
         calibration=calibration, seg_recall_bias=None if bias is None else float(bias),
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing DDA packages (edge-agent model build --format dda)
+
+
+def manifest_for(src: Path, sig: Any, *, kind: str, outputs: Mapping[str, str], name: str, threshold: float | None,
+                 classes: Any, colors: Any, image_size: tuple[int, int], normalize: str | None, description: str,
+                 arn: str, model_version: str, autostart: bool, providers: list[str], class_normal_ids: Any,
+                 image_classes: Any, seg_normal_ids: Any, classification_logic: str | None,
+                 raw_image_size: tuple[int, int] | None, interpolation: str | int) -> tuple[dict[str, Any],
+                                                                                          dict[str, str]]:
+    """(manifest, package path → source path) of a DDA package for an ONNX model: the model at
+    ``mochi/<file>``, the keys DDA requires, and ours (name, version, ARN, checksums) that DDA ignores.
+
+    DDA applies no softmax and reads the outputs by position (seg first), so the model is run once here
+    to check that its outputs are probabilities."""
+    if kind not in ("classification", "segmentation"):
+        raise PackageError(f"DDA has no post-processing for {kind!r} models; write it with --format edge-agent")
+    if not isinstance(interpolation, int):
+        raise PackageError("DDA resizes with OpenCV: give an OpenCV interpolation (e.g. area), not 'bilinear'")
+    w, h = image_size
+    order = [n for n, _ in sig.outputs]
+    seg_out = outputs.get("logits")
+    cls_out = outputs.get("class_scores") if kind == "segmentation" else outputs.get("score")
+    if seg_out is not None and cls_out is not None and order.index(seg_out) > order.index(cls_out):
+        raise PackageError(f"DDA reads the segmentation output first, then the classification output; this model "
+                           f"has them in the order {order}")
+    _check_probabilities(src, sig, image_size, normalize == "imagenet", seg_out, cls_out)
+    normal = [int(i) for i in (class_normal_ids if class_normal_ids is not None else [0])]
+    stage: dict[str, Any] = {
+        "type": "mochi",
+        "input_shape": [1, 3, h, w],
+        "image_width": w, "image_height": h,
+        "interpolation": interpolation,
+        "image_range_scale": True,
+        "normalize": normalize == "imagenet",
+        "threshold": 0.5 if threshold is None else float(threshold),
+        "classification_head_enabled": cls_out is not None,
+        "segmentation_head_enabled": seg_out is not None,
+        "class_normal_ids": normal if cls_out is not None else [],
+        "seg_normal_ids": [int(i) for i in seg_normal_ids] if seg_normal_ids is not None else (
+            [0] if seg_out is not None else []),
+    }
+    if classification_logic is not None:
+        stage["classification_logic"] = classification_logic
+    graph: dict[str, Any] = {"model_graph_type": "single_stage_model_graph", "stages": [stage]}
+    if cls_out is not None:
+        graph["image_level_classes"] = {"names": list(image_classes or ["normal", "anomaly"]), "normal_ids": normal}
+    dataset = {"image_width": w, "image_height": h}
+    if seg_out is not None:
+        if raw_image_size is None:
+            raise PackageError("DDA resizes segmentation masks to raw_image_shape: give the camera frame size "
+                               "(--raw-image-size WxH)")
+        stage["raw_image_shape"] = [int(raw_image_size[1]), int(raw_image_size[0])]
+        dataset = {"image_width": int(raw_image_size[0]), "image_height": int(raw_image_size[1])}
+        names = list(classes) if classes else ["background", "anomaly"]
+        graph["pixel_level_classes"] = {"names": names, "normal_ids": stage["seg_normal_ids"]}
+        if colors:
+            graph["pixel_level_classes"]["colors"] = [c.upper() for c in colors]
+    doc: dict[str, Any] = {
+        "model_graph": graph,
+        "dataset": dataset,
+        "runtime": "onnx",
+        "runtime_artifact": src.name,
+        # Ours; DDA ignores them.
+        "name": name, "model_version": model_version, "lookout_vision_model_arn": arn, "description": description,
+        "autostart": autostart,
+    }
+    if providers:  # DDA's device key: cpu, tensorrt, or (default) CUDA then CPU
+        doc["device"] = "tensorrt" if providers[0] == "tensorrt" else providers[0] if providers[0] == "cpu" \
+            else "cuda"
+    files = {f"mochi/{rel}": rel for rel in [src.name, *sig.external_files]}
+    return doc, files
+
+
+def _check_probabilities(src: Path, sig: Any, image_size: tuple[int, int], imagenet: bool, seg_out: str | None,
+                         cls_out: str | None) -> None:
+    import numpy as np
+    import onnxruntime as ort
+
+    w, h = image_size
+    rng = np.random.default_rng(0)
+    x = rng.random((1, 3, h, w), dtype=np.float32)
+    if imagenet:
+        x = (x - np.array([0.485, 0.456, 0.406], np.float32).reshape(1, 3, 1, 1)) / \
+            np.array([0.229, 0.224, 0.225], np.float32).reshape(1, 3, 1, 1)
+    try:
+        session = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"])
+        wanted = [n for n in (seg_out, cls_out) if n is not None]
+        results = session.run(wanted, {sig.inputs[0][0]: x})
+        values = {n: results[i] for i, n in enumerate(wanted)}
+    except Exception as exc:  # onnxruntime's own exception types
+        raise PackageError(f"{src.name} could not be run to check its outputs: {str(exc).splitlines()[0]}") from exc
+    for out, axis in ((cls_out, 1), (seg_out, 1)):
+        if out is None:
+            continue
+        value = np.asarray(values[out], dtype=np.float64)
+        value = value.reshape(1, -1) if value.ndim < 2 else value
+        sums = value.sum(axis=axis)
+        ok = value.min() >= -1e-6 and value.max() <= 1 + 1e-6 and (value.shape[axis] == 1 or
+                                                                     np.allclose(sums, 1.0, atol=1e-3))
+        if not ok:
+            raise PackageError(f"output {out!r} is not per-class probabilities (values {value.min():.3g}.."
+                               f"{value.max():.3g}); DDA applies no softmax: end the graph with a Softmax, or "
+                               "write the package with --format edge-agent")
