@@ -637,14 +637,14 @@ def build_package(
     if package_format == "dda":
         from agent.core.formats import dda
 
-        doc, files_map = dda.manifest_for(src, sig, kind=kind, outputs=outputs, name=name, threshold=threshold,
+        dda_doc, files_map = dda.manifest_for(src, sig, kind=kind, outputs=outputs, name=name, threshold=threshold,
                                           classes=classes, colors=colors, image_size=image_size, normalize=normalize,
                                           description=description, arn=arn, model_version=model_version,
                                           autostart=autostart, providers=providers, class_normal_ids=class_normal_ids,
                                           image_classes=image_classes, seg_normal_ids=seg_normal_ids,
                                           classification_logic=classification_logic, raw_image_size=raw_image_size,
                                           interpolation=interp)
-        return _write_package(src, out_dir, doc, files_map)
+        return _write_package(src, out_dir, dda_doc, files_map)
 
     stage: dict[str, Any] = {
         "type": kind,
@@ -684,7 +684,7 @@ def build_package(
         graph["image_level_classes"] = {"names": list(image_classes),
                                         "normal_ids": [int(i) for i in (class_normal_ids or [0])]}
     scores = outputs.get("score") or outputs.get("class_scores")
-    if kind == "classification" or "class_scores" in outputs:
+    if scores is not None and (kind == "classification" or "class_scores" in outputs):
         if score_activation == "auto":
             shape = dict(sig.outputs)[scores]
             last = shape[-1] if shape else 1
@@ -742,7 +742,7 @@ def _write_package(src: Path, out_dir: Path | str, doc: dict[str, Any], files_ma
 def _output_roles(kind: str, sig: OnnxSignature) -> dict[str, str]:
     names = [n for n, _ in sig.outputs]
     if kind == "anomalib":
-        roles = {r: r for r in ("pred_score", "anomaly_map", "pred_mask") if r in names}
+        roles: dict[str, str] = {r: r for r in ("pred_score", "anomaly_map", "pred_mask") if r in names}
         if "pred_score" not in roles and "anomaly_map" not in roles:
             raise PackageError(f"anomalib export without pred_score or anomaly_map outputs: {names}")
         return {{"pred_score": "score", "anomaly_map": "anomaly_map", "pred_mask": "mask"}[k]: v
@@ -753,9 +753,9 @@ def _output_roles(kind: str, sig: OnnxSignature) -> dict[str, str]:
         seg = [n for n, shape in sig.outputs if len(shape) == 4]
         if not seg:
             raise PackageError(f"segmentation model without a [N,C,H,W] output: {names}")
-        roles = {"logits": seg[0]}
+        seg_roles = {"logits": seg[0]}
         heads = [n for n, shape in sig.outputs if len(shape) in (1, 2) and n != seg[0]]
         if heads:  # a classification head beside the segmentation head scores the image
-            roles["class_scores"] = heads[0]
-        return roles
+            seg_roles["class_scores"] = heads[0]
+        return seg_roles
     return {"score": names[0]}

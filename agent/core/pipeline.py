@@ -137,11 +137,11 @@ class Predictor:
     def _output_names(package: ModelPackage, available: list[str]) -> dict[str, str]:
         if package.semantics == "dda":
             # DDA's runners return the outputs in graph order: [seg, cls] with both heads (seg first).
-            roles = ["seg", "cls"] if package.cls_head and package.seg_head else ["seg" if package.seg_head else "cls"]
-            if len(available) < len(roles):
-                raise ModelLoadError(f"the manifest enables {' and '.join(roles)} heads but the model has "
+            heads = ["seg", "cls"] if package.cls_head and package.seg_head else ["seg" if package.seg_head else "cls"]
+            if len(available) < len(heads):
+                raise ModelLoadError(f"the manifest enables {' and '.join(heads)} heads but the model has "
                                      f"{len(available)} output(s) {available}")
-            return {role: available[i] for i, role in enumerate(roles)}
+            return {role: available[i] for i, role in enumerate(heads)}
         roles = dict(package.outputs)
         if not roles:
             if package.kind == "anomalib":
