@@ -3,6 +3,7 @@ every model kind, DDA packages and legacy LFV components in the models directory
 
 from __future__ import annotations
 
+import json
 import mmap
 import os
 import uuid
@@ -148,8 +149,8 @@ def test_shared_memory_mask_stays_full_size(make_package, agent, stub, pb):
         os.unlink(path)
 
 
-def test_legacy_neo_component_is_listed_failed_with_what_to_do(models_dir, agent, stub, pb):
-    write_neo_package(models_dir / "legacy-lfv")
+def test_legacy_neo_component_is_listed_failed_with_what_to_do(models_dir, agent, stub, pb, tmp_path):
+    root = write_neo_package(models_dir / "legacy-lfv")
     wait_known(agent, "legacy-lfv")
     listed = {m.model_component: m for m in stub.ListModels(pb.ListModelsRequest()).models}
     assert listed["legacy-lfv"].status == pb.FAILED
@@ -161,3 +162,17 @@ def test_legacy_neo_component_is_listed_failed_with_what_to_do(models_dir, agent
     with pytest.raises(grpc.RpcError) as info:
         stub.DetectAnomalies(request(pb, "legacy-lfv", frame(640, 480)), timeout=10)
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+    # The migration path of docs/model-package.md, step 3: the ONNX export into mochi/, Neo files out, "runtime":
+    # "onnx" into the same manifest. The package is picked up in place and can be started.
+    manifest = json.loads((root / "manifest.json").read_text())
+    stage = manifest["model_graph"]["stages"][0]
+    build_dda_classifier(root / "mochi" / "model.onnx", image_size=(stage["image_width"], stage["image_height"]))
+    for neo in ("compiled.so", "compiled.params", "compiled.meta", "libdlr.so", "dlr.h"):
+        (root / "mochi" / neo).unlink()
+    manifest.update(runtime="onnx", runtime_artifact="model.onnx")
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    assert wait_status(stub, pb, "legacy-lfv", pb.STOPPED).status == pb.STOPPED
+    start(stub, pb, "legacy-lfv")
+    result = stub.DetectAnomalies(request(pb, "legacy-lfv", frame(640, 480)), timeout=30).detect_anomaly_result
+    assert result.is_anomalous and result.anomaly_threshold == pytest.approx(0.7021560668945312)
