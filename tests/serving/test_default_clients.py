@@ -124,6 +124,23 @@ def full_stub_call(agent, pb_modules, pb, image):
             .detect_anomaly_result
 
 
+def test_overlay_of_a_scaled_mask_covers_the_frame(make_package, agent, stub, pb):
+    """edge-agent detect --overlay: a mask scaled to fit is drawn over the whole full-size frame."""
+    from agent.client import overlay
+
+    make_package("segmentation", "seg")
+    wait_known(agent, "seg")
+    start(stub, pb, "seg")
+    image = frame(1920, 1080)
+    result = stub.DetectAnomalies(request(pb, "seg", image), timeout=60).detect_anomaly_result
+    mask = np.frombuffer(result.anomaly_mask.byte_data, np.uint8).reshape(result.anomaly_mask.height,
+                                                                          result.anomaly_mask.width, 3)
+    assert mask.shape[:2] != image.shape[:2]
+    drawn = np.asarray(overlay(image, mask))
+    assert drawn.shape == image.shape
+    assert (drawn != image).any(axis=2).mean() == pytest.approx(1 / 16, abs=0.01)
+
+
 def test_shared_memory_mask_stays_full_size(make_package, agent, stub, pb):
     make_package("segmentation", "seg")
     wait_known(agent, "seg")
