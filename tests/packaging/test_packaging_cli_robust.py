@@ -15,8 +15,10 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 import zipfile
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -196,35 +198,55 @@ def test_process_alive_treats_zombies_and_reused_pids_as_dead() -> None:
     assert not process_alive(child.pid)
 
 
+class StallingAws(BaseHTTPRequestHandler):
+    """One endpoint for greengrassv2 and S3: DescribeComponent says "no such component"; the first
+    S3 call (GetBucketLocation, made after the artifact is built) is held open, so the worker waits
+    there with its scratch folder full, which is where the test kills it."""
+
+    s3_reached = threading.Event()
+    release = threading.Event()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:  # noqa: N802
+        if self.path.startswith("/greengrass/"):
+            body = b'{"message": "not found"}'
+            self.send_response(404)
+            self.send_header("x-amzn-ErrorType", "ResourceNotFoundException")
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
+        self.s3_reached.set()
+        self.release.wait(60)
+
+
 def test_killed_unreaped_worker_fails_its_job_and_loses_its_scratch(home: Path) -> None:
     """The real worker (`python -m agent.packaging.worker`, started by the process executor of
     this test process, which never reaps it), SIGKILLed mid-job with its scratch files on disk."""
-    env = cli_env(home)
-    client = Client(settings=PackagingSettings(home=home, mode="local"), executor="process", env=env)
-    job = client.start_model_packaging_job(ProjectName="demo", ModelVersion="1", JobName="victim",
-                                           Configuration=greengrass())["JobName"]
-    scratch = home / "work" / "demo" / job
-    observer = Client(settings=PackagingSettings(home=home, mode="local"), executor="inline", env={},
-                      recover_jobs=False)
-    holder = sqlite3.connect(home / "registry.db", isolation_level=None, timeout=30)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), StallingAws)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    env = cli_env(home, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_REGION="us-east-1")
+    settings = PackagingSettings(home=home, mode="aws", account="123456789012", s3_endpoint_url=url,
+                                 greengrass_endpoint_url=url)
     worker_pid = 0
     try:
-        # Take the registry's write lock as soon as the job compiles: its next progress write then
-        # waits (busy timeout 10 s) with the scratch folder full, which is where it gets killed.
-        wait_until(lambda: observer.registry.get_job("demo", job).status_message.startswith("compiling"), 60,
-                   "the job to compile", interval=0.002)
-        holder.execute("BEGIN IMMEDIATE")
-        record = observer.registry.get_job("demo", job)
-        assert record.status == "RUNNING"
+        client = Client(settings=settings, executor="process", env=env)
+        job = client.start_model_packaging_job(ProjectName="demo", ModelVersion="1", JobName="victim",
+                                               Configuration=greengrass())["JobName"]
+        scratch = home / "work" / "demo" / job
+        assert StallingAws.s3_reached.wait(60), "the worker never reached S3"
+        record = client.registry.get_job("demo", job)
+        assert record.status == "RUNNING" and list(scratch.glob("*.zip")), record
         worker_pid = int(record.owner.split(":")[1])
         assert worker_pid != os.getpid()
-        wait_until(lambda: any(scratch.rglob("*")), 8, "scratch files", interval=0.01)
         os.kill(worker_pid, signal.SIGKILL)
-        wait_until(lambda: _proc_state(worker_pid) == "Z", 5, "the worker to be a zombie", interval=0.01)
-    finally:
-        holder.close()
-    assert scratch.is_dir() and _proc_state(worker_pid) == "Z"  # still unreaped: its pid and /proc entry remain
-    try:
+        wait_until(lambda: _proc_state(worker_pid) == "Z", 10, "the worker to be a zombie", interval=0.01)
+
         began = time.monotonic()
         res = run_cli(["describe-model-packaging-job", "--project-name", "demo", "--job-name", job], env)
         assert res.returncode == 0, res.stderr
@@ -234,9 +256,12 @@ def test_killed_unreaped_worker_fails_its_job_and_loses_its_scratch(home: Path) 
         assert desc["StatusMessage"].startswith(f"interrupted: the process running this job ({record.owner}) ended "
                                                 "before the job finished (killed or crashed)")
         assert not scratch.exists()
-        assert _proc_state(worker_pid) == "Z"  # judged dead while still a zombie
+        assert _proc_state(worker_pid) == "Z"  # judged dead while still an unreaped zombie
     finally:
-        os.waitpid(worker_pid, 0)
+        StallingAws.release.set()
+        server.shutdown()
+        if worker_pid:
+            os.waitpid(worker_pid, 0)
 
 
 def test_a_running_job_owned_by_a_reused_pid_is_failed(home: Path) -> None:
