@@ -135,23 +135,28 @@ def recover(registry: Registry, *, stale_after_s: float) -> list[JobRecord]:
 
 def sweep_scratch(registry: Registry) -> list[Path]:
     """Remove scratch folders no active job owns (left by a crash before this version cleaned up,
-    or by a job marked FAILED elsewhere); returns what was removed."""
+    or by a job marked FAILED elsewhere); returns what was removed.
+
+    The folders are listed *before* the active jobs are read: a job claimed in between has its
+    folder missing from the list (never removed), and one listed but absent from the active set
+    had already ended (a job's folder is made only after its claim).
+    """
     root = registry.home / "work"
+    found: list[Path] = []
     try:
-        projects = [p for p in root.iterdir() if p.is_dir()]
+        for project_dir in root.iterdir():
+            if project_dir.is_dir():
+                found.extend(j for j in project_dir.iterdir() if j.is_dir())
     except OSError:
+        pass
+    if not found:
         return []
     active = {(j.project, j.name) for j in registry.active_jobs()}
     removed = []
-    for project_dir in projects:
-        try:
-            jobs = [j for j in project_dir.iterdir() if j.is_dir()]
-        except OSError:
-            continue
-        for job_dir in jobs:
-            if (project_dir.name, job_dir.name) not in active:
-                remove_scratch(registry, project_dir.name, job_dir.name)
-                removed.append(job_dir)
+    for job_dir in found:
+        if (job_dir.parent.name, job_dir.name) not in active:
+            remove_scratch(registry, job_dir.parent.name, job_dir.name)
+            removed.append(job_dir)
     return removed
 
 
