@@ -24,6 +24,7 @@ permission bits is never used). The mask segment is checked before the model run
 
 from __future__ import annotations
 
+import mmap
 import os
 import re
 import stat
@@ -151,7 +152,11 @@ class BufferPool:
                 buf = self._idle.pop(best)
                 self._idle_bytes -= buf.size
                 return buf[:nbytes]
-        return np.empty(nbytes, dtype=np.uint8)[:nbytes]  # always a view: release() keeps its base
+        # Outside the malloc heap: a long-lived buffer there would pin the heap's top, so that glibc
+        # trims and re-grows (page-faults) the transient buffers above it on every request. Private
+        # and anonymous: no file behind it that anyone could truncate.
+        memory = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        return np.frombuffer(memory, dtype=np.uint8)[:nbytes]  # a view: release() keeps its base
 
     def release(self, view: np.ndarray) -> None:
         buf = view.base
