@@ -41,7 +41,7 @@ from metrics_fixtures import short_tmp_dir
 
 NOBODY = 65534
 AS_ROOT = pytest.mark.skipif(os.geteuid() != 0, reason="the attack needs root: chown to another user, mknod")
-QUICK, SOAK = pytest.param(2.0, id="quick"), pytest.param(45.0, id="soak", marks=pytest.mark.slow)
+QUICK, SOAK = pytest.param(1.5, id="quick"), pytest.param(45.0, id="soak", marks=pytest.mark.slow)
 CONTROL = (640, 480)
 
 
