@@ -155,7 +155,7 @@ class BufferPool:
         # Outside the malloc heap: a long-lived buffer there would pin the heap's top, so that glibc
         # trims and re-grows (page-faults) the transient buffers above it on every request. Private
         # and anonymous: no file behind it that anyone could truncate.
-        memory = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        memory = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE)  # fileno -1: anonymous
         return np.frombuffer(memory, dtype=np.uint8)[:nbytes]  # a view: release() keeps its base
 
     def release(self, view: np.ndarray) -> None:
