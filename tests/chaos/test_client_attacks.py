@@ -165,7 +165,8 @@ def test_segment_shrunk_during_requests(chaos_agent, names, target, size, second
         tally.seconds = run_for(seconds, [shrinker, sender(agent, tally, request, kinds),
                                           sender(agent, tally, request, kinds), control.worker(tally)])
         tally.extra["refusals"] = dict(kinds)
-        tally.check(agent, rss_growth_mb=64)
+        # 4096x4096: the buffer pool may keep up to two 48 MiB buffers (frames.py) beyond the warm-up's.
+        tally.check(agent, rss_growth_mb=64 if width < 4096 else 128)
         for message in kinds:  # every refusal says what was wrong with the segment
             assert "exceeds segment" in message or "changed size during the request" in message \
                 or "is empty" in message, message
