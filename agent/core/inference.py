@@ -1,13 +1,15 @@
 """The DetectAnomalies use case, transport-neutral: request in, Detection out.
 
-Order of checks: the model must exist and be RUNNING, then the bitmap must be valid, then
-the request waits for one of the model's slots, runs, and the mask goes back inline or into
-the caller's shared-memory segment.
+Order of checks: the model must exist and be RUNNING, then the bitmap must be valid (and, from
+shared memory, readable by the agent), then a mask segment must be writable; then the request
+waits for one of the model's slots, runs, and the mask goes back inline or into the caller's
+shared-memory segment.
 """
 
 from __future__ import annotations
 
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -58,29 +60,25 @@ class InferenceService:
         detection: Detection | None = None
         waited = read = 0.0
         try:
-            t0 = self.clock()
-            if request.shm is not None:
-                image = as_image(self.shm.region(request.shm), request.width, request.height)
-            else:
-                assert request.data is not None
-                image = as_image(request.data, request.width, request.height)
-            read = self.clock() - t0
-            mask_out = None
-            policy = self.mask_policy
-            if request.mask_shm is not None:
-                policy = _FULL  # the caller's segment always gets the full-size mask
-                # Render the mask straight into the client's segment. If it can't be mapped, go on:
-                # the write below reports the problem, and only if the model makes a mask at all.
-                try:
+            with ExitStack() as frames:
+                t0 = self.clock()
+                if request.shm is not None:  # copied into an agent-owned buffer (frames.py says why)
+                    image = frames.enter_context(self.shm.frame(request.shm, request.width, request.height))
+                else:
+                    assert request.data is not None
+                    image = as_image(request.data, request.width, request.height)
+                read = self.clock() - t0
+                mask = None
+                policy = self.mask_policy
+                if request.mask_shm is not None:  # opened and access-checked before the model runs
+                    policy = _FULL  # the caller's segment always gets the full-size mask
                     mask_w, mask_h = model.predictor.mask_size(request.width, request.height)
-                    mask_out = self.shm.mask_region(request.mask_shm, mask_w * mask_h * 3)
-                except InvalidInput:
-                    mask_out = None
-            with model.gate.slot(self.clock) as waited:
-                detection = model.predictor.predict(image, mask_out, policy)
-            if request.mask_shm is not None and detection.mask is not None:  # not rendered in place
-                self.shm.write(request.mask_shm, detection.mask)
-            return detection
+                    mask = frames.enter_context(self.shm.mask_target(request.mask_shm, mask_w * mask_h * 3))
+                with model.gate.slot(self.clock) as waited:
+                    detection = model.predictor.predict(image, None if mask is None else mask.buffer.data, policy)
+                if mask is not None and detection.has_mask:
+                    mask.commit(detection.mask)  # the rendered buffer, or a mask the model made itself
+                return detection
         finally:
             if self.observer is not None:
                 self.observer.on_detect(model.name, model.version, detection, waited, read,
