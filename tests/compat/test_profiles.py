@@ -30,8 +30,8 @@ def _name(requirement: str) -> str:
 
 def test_core_install_is_what_a_device_serves_with():
     core = {_name(r) for r in _list(_table("[project]"), "dependencies")}
-    assert core == {"grpcio", "protobuf", "numpy", "pillow", "prometheus-client", "grpcio-health-checking",
-                    "grpcio-reflection", "awsiotsdk"}
+    assert core == {"grpcio", "protobuf", "numpy", "pillow", "opencv-python-headless", "prometheus-client",
+                    "grpcio-health-checking", "grpcio-reflection", "awsiotsdk"}
     extras = _table("[project.optional-dependencies]")
     assert [_name(r) for r in _list(extras, "cpu")] == ["onnxruntime"]
     # Both builds ship the module `onnxruntime`: the gpu profile must never pull the CPU one too.
