@@ -83,10 +83,12 @@ class _Model:
     swapping: str = ""  # fingerprint of a package being loaded to replace the running one
     removed: bool = False
     providers: tuple[str, ...] = field(default_factory=tuple)
+    notice: str = ""  # set by the package source (discovery: a package conflict); outlives state changes
 
     def info(self) -> ModelInfo:
         version = self.package.version
-        return ModelInfo(self.package.name, self.package.arn, self.status, self.message, version, self.providers)
+        message = "; ".join(m for m in (self.message, self.notice) if m)
+        return ModelInfo(self.package.name, self.package.arn, self.status, message, version, self.providers)
 
 
 @dataclass(frozen=True)
@@ -309,6 +311,14 @@ class ModelRegistry:
                 self.start(name)
             except InvalidModelState:
                 pass
+
+    def set_notice(self, name: str, notice: str) -> None:
+        """A standing remark from whoever supplies the packages (discovery: another package claims this
+        model's name), appended to status_message until cleared with ""; unknown names are ignored."""
+        with self._lock:
+            model = self._models.get(name)
+            if model is not None and not model.removed:
+                model.notice = notice
 
     def remove(self, name: str) -> None:
         """Forget a model; a RUNNING one is drained and stopped first."""
