@@ -74,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(argv).parse_args(argv)
     try:
-        return int(args.func(args))
+        status = int(args.func(args))
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at interpreter exit
+        return status
     except AgentError as exc:
         print(f"edge-agent: {type(exc).__name__}: {exc.message}", file=sys.stderr)
         return 2

@@ -132,11 +132,12 @@ def socket_owner_start_time(socket: str) -> float | None:
     /proc; None where that can't be told (not Linux, another user's process, another network namespace)."""
     if not socket.startswith("unix:"):
         return None
-    path = socket[len("unix://"):] if socket.startswith("unix://") else socket[len("unix:"):]
+    path = _one_slash(socket[len("unix:"):])
     try:
         with open("/proc/net/unix") as table:
             rows = [line.split() for line in table.read().splitlines()[1:]]
-        inodes = {f"socket:[{row[6]}]" for row in rows if len(row) >= 8 and row[7] == path}
+        # grpc binds "unix:///p" as "///p": compare with the leading slashes folded
+        inodes = {f"socket:[{row[6]}]" for row in rows if len(row) >= 8 and _one_slash(row[7]) == path}
         if not inodes:
             return None
         with open("/proc/stat") as stat:
@@ -155,6 +156,10 @@ def socket_owner_start_time(socket: str) -> float | None:
     except (OSError, ValueError, StopIteration, IndexError):
         return None
     return None
+
+
+def _one_slash(path: str) -> str:
+    return "/" + path.lstrip("/") if path.startswith("/") else path
 
 
 def _whose(socket: str, models: dict[str, ModelRow], samples: Samples, metrics_url: str) -> str:
