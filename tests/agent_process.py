@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,17 +30,18 @@ class AgentProcess:
     count = 0
 
     def __init__(self, root: Path, models_dir: Path, *extra: str, work_dir: Path | None = None,
-                 preexec_fn: Callable[[], None] | None = None, env: dict[str, str] | None = None) -> None:
+                 wrapper: Sequence[str] = (), env: dict[str, str] | None = None) -> None:
+        """`wrapper`: a command the agent runs under (e.g. setpriv dropping capabilities)."""
         AgentProcess.count += 1
         self.root = root
         self.socket = f"unix://{root}/agent.sock"
         self.log_path = root / f"agent-{AgentProcess.count}.log"
-        args = [*CLI, "serve", "--socket", self.socket, "--models-dir", str(models_dir),
+        args = [*wrapper, *CLI, "serve", "--socket", self.socket, "--models-dir", str(models_dir),
                 "--execution-providers", "cpu", "--work-dir", str(work_dir or root / "work"), "--metrics-port", "0",
                 "--log-format", "json", "--model-scan-interval-seconds", "0.2", "--warmup-runs", "1", *extra]
         self._log = open(self.log_path, "w")  # a file, not a pipe: a chatty agent never blocks on it
         self.process = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT,
-                                        preexec_fn=preexec_fn, env={**os.environ, **(env or {})})
+                                        env={**os.environ, **(env or {})})
 
     def wait_ready(self, timeout: float = 60.0) -> AgentProcess:
         """Until the log says it serves (and its first scan is done: the socket answers ListModels)."""

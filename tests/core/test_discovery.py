@@ -338,3 +338,39 @@ def test_root_missing_then_created(short_tmp, agent_factory, make_package, model
     models_dir.mkdir()
     make_package("anomalib", "late")
     wait_known(agent, "late")  # found once the directory exists, without a restart
+
+
+def test_unreadable_package_directory_with_a_real_service_user(model_files, short_tmp):
+    """A package directory the agent's user may not read (a 0700 directory of another user): `serve` starts,
+    serves the other models and picks up later ones; one log line about it, no traceback, no socket left.
+    A real process and a real EACCES: as root (which reads everything) the agent runs without the
+    CAP_DAC_OVERRIDE / CAP_DAC_READ_SEARCH capabilities, so file permissions apply to it as to a service user."""
+    from agent_process import AgentProcess, build_model
+
+    models = short_tmp / "models"
+    build_model(model_files["anomalib"], models / "readable", "readable")
+    build_model(model_files["anomalib"], models / "private", "private")
+    wrapper: list[str] = []
+    if os.geteuid() == 0:
+        setpriv = shutil.which("setpriv")
+        assert setpriv, "setpriv (util-linux) is needed to drop root's file-permission override"
+        wrapper = [setpriv, "--bounding-set=-dac_override,-dac_read_search"]
+        os.chown(models / "private", 12345, 12345)  # another user's package
+        os.chmod(models / "private", 0o700)
+    else:
+        os.chmod(models / "private", 0o000)
+    try:
+        with AgentProcess(short_tmp, models, wrapper=wrapper) as agent:
+            agent.wait_ready()
+            assert agent.wait_status("readable", "STOPPED")["status"] == "STOPPED"
+            build_model(model_files["anomalib"], short_tmp / "staged", "later")
+            os.rename(short_tmp / "staged", models / "later")
+            assert agent.wait_status("later", "STOPPED")["status"] == "STOPPED"  # later scans still work
+            assert agent.process.poll() is None
+            assert agent.stop() == 0
+        problems = [m for m in agent.messages() if "model package private" in m]
+        assert len(problems) == 1 and "Permission denied" in problems[0], agent.output()
+        assert "Traceback" not in agent.output()
+        assert not (short_tmp / "agent.sock").exists()
+    finally:
+        os.chmod(models / "private", 0o755)
