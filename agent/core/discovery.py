@@ -113,7 +113,10 @@ class DirectoryWatcher:
             gone = self._apply(found)
             self.scans += 1
         for name in gone:
-            self._removals.submit(self._remove, name)
+            try:
+                self._removals.submit(self._remove, name)
+            except RuntimeError:  # stop() ran: the agent is shutting down and stops every model anyway
+                break
         return found
 
     rescan = scan  # what event handlers call: "look now"
@@ -257,11 +260,14 @@ class DirectoryWatcher:
             except FileNotFoundError:
                 raise PackageError(f"file {rel!r} listed in the manifest is not there (yet)") from None
             parts.append(f"{rel}:{st.st_size}:{st.st_mtime_ns}")
-        with os.scandir(target) as it:
-            for item in sorted(it, key=lambda e: e.name):
-                if item.name not in listed and item.is_file(follow_symlinks=False):
-                    st = item.stat(follow_symlinks=False)
-                    parts.append(f"{item.name}:{st.st_size}:{st.st_mtime_ns}")
+        try:  # unlisted files too (a manifest without "files"), as far as the directory can be listed
+            with os.scandir(target) as it:
+                for item in sorted(it, key=lambda e: e.name):
+                    if item.name not in listed and item.is_file(follow_symlinks=False):
+                        st = item.stat(follow_symlinks=False)
+                        parts.append(f"{item.name}:{st.st_size}:{st.st_mtime_ns}")
+        except OSError:  # search-only directory, or a file removed meanwhile: the next scan sees the rest
+            parts.append("?")
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
     def _model_name(self, entry_name: str, package: ModelPackage) -> str:
