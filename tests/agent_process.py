@@ -73,9 +73,13 @@ class AgentProcess:
         return json.loads(result.stdout)
 
     def wait_status(self, name: str, status: str, timeout: float = 30.0) -> dict[str, Any]:
+        """Poll describe-model until `status`; a model not discovered yet (NOT_FOUND) is waited for too."""
         deadline = time.monotonic() + timeout
         while True:
-            desc = self.describe(name)
+            result = cli("describe-model", name, "--socket", self.socket)
+            found = result.returncode == 0
+            assert found or "NOT_FOUND" in result.stderr, result.stderr
+            desc = json.loads(result.stdout) if found else {"status": "NOT_FOUND"}
             if desc["status"] == status or time.monotonic() > deadline:
                 return desc
             time.sleep(0.2)

@@ -98,6 +98,7 @@ class DirectoryWatcher:
         self._applied: dict[str, str] = {}  # model name → fingerprint last handed to the registry
         self._reported: dict[str, str] = {}  # problem key → message, logged once while the problem lasts
         self._conflicts: dict[str, list[Conflict]] = {}
+        self._entry_problems: dict[str, str] = {}  # entry name → why it can't be applied (this scan)
         self._removing: set[str] = set()
         self._removals = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-removal")
         self.scans = 0
@@ -144,6 +145,7 @@ class DirectoryWatcher:
     def _scan(self, flush_missing: bool) -> dict[str, ModelPackage] | None:
         first_scan = self.scans == 0
         seen_problems: set[str] = set()
+        self._entry_problems = {}
         try:
             entries = sorted(p for p in self.root.iterdir() if not p.name.startswith("."))
         except FileNotFoundError:
@@ -219,11 +221,13 @@ class DirectoryWatcher:
         except PackageError as exc:
             self._report(f"{key}:{exc.message}", f"model package {entry.name} ({entry}) skipped: {exc.message}",
                          problems)
+            self._entry_problems[entry.name] = f"package {entry} skipped: {exc.message}"
             raise _Unchanged from None
         except (OSError, RuntimeError) as exc:  # EACCES, EIO, ELOOP (RuntimeError before Python 3.13)
             reason = getattr(exc, "strerror", None) or str(exc)
             self._report(f"{key}:os:{reason}", f"model package {entry.name} ({entry}) cannot be read: {reason}; "
                                                "skipped until it can", problems)
+            self._entry_problems[entry.name] = f"package {entry} cannot be read: {reason}"
             raise _Unchanged from None
         package = dataclasses.replace(package, fingerprint=fingerprint)
         previous = self._known.get(entry.name)
@@ -323,7 +327,7 @@ class DirectoryWatcher:
             if previous is not None and previous != package.fingerprint:
                 self._restart_if_failed(name)
         for name in found:
-            registry.set_notice(name, self._notice(name))
+            registry.report_package_problem(name, self._problem(name))
         return gone
 
     def _restart_if_failed(self, name: str) -> None:
@@ -336,12 +340,19 @@ class DirectoryWatcher:
         except AgentError:
             pass  # removed or started meanwhile
 
-    def _notice(self, name: str) -> str:
+    def _problem(self, name: str) -> str:
+        """What status_message should say about the model's packages: an unreadable update of the served
+        location (the previous version keeps serving), other locations claiming the name."""
+        parts = []
+        owner = self._owner.get(name)
+        if owner in self._entry_problems:
+            parts.append(f"{self._entry_problems[owner]}; still serving the last package that could be read")
         conflicts = self._conflicts.get(name)
-        if not conflicts:
-            return ""
-        others = ", ".join(f"{c.ignored} (version {c.ignored_version})" for c in conflicts)
-        return f"package conflict: {others} also named {name!r} and ignored; {conflicts[0].owner} is served"
+        if conflicts:
+            others = ", ".join(f"{c.ignored} (version {c.ignored_version})" for c in conflicts)
+            parts.append(f"package conflict: {others} also named {name!r} and ignored; {conflicts[0].owner} is "
+                         "served")
+        return "; ".join(parts)
 
     def _remove(self, name: str) -> None:
         try:

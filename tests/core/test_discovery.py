@@ -213,6 +213,21 @@ def test_backup_copy_never_replaces_the_served_model(make_package, models_dir, a
     assert messages(caplog, "package name conflict resolved")
 
 
+def test_an_unreadable_update_is_shown_while_the_old_version_serves(make_package, models_dir, agent, stub, pb):
+    make_package("anomalib", "widget", model_version="1")
+    wait_known(agent, "widget")
+    start(stub, pb, "widget")
+    manifest = models_dir / "widget" / "manifest.json"
+    good = manifest.read_text()
+    manifest.write_text(good[: len(good) // 2])  # an editor or a copy that broke off
+    wait_until(lambda: "not valid JSON" in agent.registry.describe("widget").status_message)
+    desc = stub.DescribeModel(pb.DescribeModelRequest(model_component="widget")).model_description
+    assert desc.status == pb.RUNNING and "still serving the last package that could be read" in desc.status_message
+    assert detect(stub, pb, "widget", grey_with_square()).is_anomalous
+    manifest.write_text(good)
+    wait_until(lambda: agent.registry.describe("widget").status_message == "running on CPUExecutionProvider")
+
+
 def test_at_start_up_the_directory_named_like_the_model_wins(make_package, models_dir, agent_factory):
     make_package("anomalib", "redness", directory=models_dir / "a-old-copy", model_version="1")
     make_package("anomalib", "redness", model_version="2")
