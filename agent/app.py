@@ -22,6 +22,7 @@ from agent.config import AgentConfig
 from agent.core.discovery import DirectoryWatcher
 from agent.core.inference import DetectObserver, InferenceService
 from agent.core.lifecycle import ModelRegistry, RegistryListener, RegistrySettings
+from agent.core.masks import MaskPolicy
 from agent.core.pipeline import Clock, Detection
 from agent.logs import configure
 from agent.runtime.base import ModelRuntime
@@ -43,6 +44,10 @@ def registry_settings(config: AgentConfig) -> RegistrySettings:
         stop_timeout_s=config.stop_timeout_s,
         autostart=config.autostart,
     )
+
+
+def mask_policy(config: AgentConfig) -> MaskPolicy:
+    return MaskPolicy(config.inline_mask, config.inline_mask_max_bytes, config.inline_mask_normal)
 
 
 def onnx_runtime(config: AgentConfig) -> OnnxRuntime:
@@ -85,7 +90,8 @@ class Agent:
                                       listeners=[self.metrics, self.health, *(listeners or [])])
         self.metrics.watch_admission(self.registry)
         observers = [self.metrics] + ([observer] if observer is not None else [])
-        self.inference = InferenceService(self.registry, clock=clock, observer=_Observers(observers))
+        self.inference = InferenceService(self.registry, clock=clock, observer=_Observers(observers),
+                                          mask_policy=mask_policy(config))
         self.addresses: list[str] = []
         self.metrics_server: MetricsServer | None = None
         # extra gRPC services, added at start(); health always, reflection if configured
@@ -131,6 +137,7 @@ class Agent:
         config = old.replace(**live)
         self.config = config
         self.registry.update_settings(registry_settings(config))
+        self.inference.mask_policy = mask_policy(config)
         if isinstance(self.runtime, OnnxRuntime):
             self.runtime.options = onnx_runtime(config).options
         if self._watcher is not None:

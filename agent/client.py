@@ -73,7 +73,8 @@ def detect(stub: pb_grpc.EdgeAgentStub, model: str, image: np.ndarray, use_shm: 
         result = stub.DetectAnomalies(request, timeout=timeout).detect_anomaly_result
         mask = None
         if result.anomaly_mask.HasField("shared_memory_handle"):
-            mask = np.frombuffer(mask_mm, np.uint8, count=data.nbytes).reshape(height, width, 3).copy()
+            mw, mh = result.anomaly_mask.width, result.anomaly_mask.height  # the frame's, or raw_image_shape
+            mask = np.frombuffer(mask_mm, np.uint8, count=mw * mh * 3).reshape(mh, mw, 3).copy()
         return result, mask
 
 
@@ -97,6 +98,8 @@ def overlay(image: np.ndarray, mask: np.ndarray | None, tint: float = 0.2) -> Im
     (a red defect under LFV's green turned olive); a light one keeps the defect's colour recognisable."""
     if mask is None:
         return Image.fromarray(image)
+    if mask.shape[:2] != image.shape[:2]:  # scaled to fit the response (InlineMask=fit) or raw_image_shape
+        mask = np.asarray(Image.fromarray(mask).resize((image.shape[1], image.shape[0]), Image.Resampling.NEAREST))
     out = image.astype(np.float32)
     hit = np.any(mask != 255, axis=2)
     out[hit] = (1 - tint) * out[hit] + tint * mask[hit].astype(np.float32)

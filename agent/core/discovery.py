@@ -324,7 +324,7 @@ class DirectoryWatcher:
                 continue  # nothing new: a failed load or swap of this package is not retried every scan
             registry.upsert(package)
             self._applied[name] = package.fingerprint
-            if previous is not None and previous != package.fingerprint:
+            if previous is not None and previous != package.fingerprint and not package.unservable:
                 self._restart_if_failed(name)
         for name in found:
             registry.report_package_problem(name, self._problem(name))

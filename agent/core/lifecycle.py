@@ -289,7 +289,10 @@ class ModelRegistry:
                 model = _Model(package)
                 self._models[name] = model
                 log.info("model %s added (version %s)", name, package.version)
-                start = autostart
+                start = autostart and not package.unservable
+                if package.unservable:  # e.g. a Neo/DLR-compiled LFV model: listed, FAILED, with the reason
+                    model.status, model.message = ModelStatus.FAILED, package.unservable
+                    log.error("model %s: %s", name, package.unservable)
             else:
                 if package.fingerprint in (model.package.fingerprint, model.swapping):
                     return
@@ -303,6 +306,9 @@ class ModelRegistry:
                     model.package = package
                     self._begin_load(model)  # restart the load with the new files
                 else:
+                    if package.unservable or model.package.unservable:  # FAILED for that reason, or no more
+                        model.status = ModelStatus.FAILED if package.unservable else ModelStatus.STOPPED
+                        model.message = package.unservable
                     model.package = package
             info = model.info()
         self._notify("on_status", info)
