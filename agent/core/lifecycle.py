@@ -84,10 +84,12 @@ class _Model:
     swapping: str = ""  # fingerprint of a package being loaded to replace the running one
     removed: bool = False
     providers: tuple[str, ...] = field(default_factory=tuple)
+    package_problem: str = ""  # what discovery says is wrong with the package source (conflict, unreadable update)
 
     def info(self) -> ModelInfo:
         version = self.package.version
-        return ModelInfo(self.package.name, self.package.arn, self.status, self.message, version, self.providers)
+        message = "; ".join(m for m in (self.message, self.package_problem) if m)
+        return ModelInfo(self.package.name, self.package.arn, self.status, message, version, self.providers)
 
 
 @dataclass(frozen=True)
@@ -316,6 +318,18 @@ class ModelRegistry:
                 self.start(name)
             except InvalidModelState:
                 pass
+
+    def report_package_problem(self, name: str, problem: str) -> None:
+        """What is wrong with the model's package source while the model keeps what it has (discovery: another
+        package claims the name, a newer package can't be read): appended to status_message until the
+        reporter clears it with "". Unknown names are ignored."""
+        with self._lock:
+            model = self._models.get(name)
+            if model is None or model.removed or model.package_problem == problem:
+                return
+            model.package_problem = problem
+            info = model.info()
+        self._notify("on_status", info)
 
     def remove(self, name: str) -> None:
         """Forget a model; a RUNNING one is drained and stopped first."""
