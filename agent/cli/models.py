@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from typing import Any
@@ -122,9 +123,11 @@ def _rpc_error(exc: Any, args: argparse.Namespace, stub: Any) -> int:
 
 
 def unavailable_reason(details: str | None) -> str:
-    """grpc's "failed to connect to all addresses; last error: ... error: No such file or directory" → the end."""
+    """grpc's "failed to connect to all addresses; last error: ... error: No such file or directory" → the end.
+    grpcio < 1.6x words it "last error: UNKNOWN: unix:/path.sock: No such file or directory": the same end."""
     text = (details or "").strip()
-    return text.rsplit("error: ", 1)[-1] if "error: " in text else text or "no answer"
+    text = text.rsplit("error: ", 1)[-1] if "error: " in text else text or "no answer"
+    return re.sub(r"^UNKNOWN: \S+: ", "", text)
 
 
 def _known_models(stub: Any) -> str:
