@@ -134,6 +134,9 @@ class _Model:
         serving = self.serving if self.status in (ModelStatus.RUNNING, ModelStatus.STOPPING) else None
         package = serving.package if serving is not None else self.package
         message = self.message
+        if self.job is not None and self.job.swap:
+            loading = f"loading version {self.job.package.version} to replace version {package.version}"
+            message = f"{message}; {loading}" if message else loading
         if self.package_problem:
             message = f"{message}; {self.package_problem}" if message else self.package_problem
         providers = serving.providers if serving is not None else ()
