@@ -147,7 +147,8 @@ class AgentProcess:
     def version(self, model: str) -> str:
         with urllib.request.urlopen(self.metrics_url, timeout=10) as response:
             text = response.read().decode()
-        found = re.search(r'edge_agent_model_info\{[^}]*model="%s"[^}]*version="([^"]*)"' % re.escape(model), text)
+        pattern = r'edge_agent_model_info\{[^}]*model="' + re.escape(model) + r'"[^}]*version="([^"]*)"'
+        found = re.search(pattern, text)
         return found.group(1) if found else ""
 
     def log_tail(self, lines: int = 30) -> str:
@@ -304,7 +305,7 @@ def test_deadlines_skip_work_nobody_waits_for(agent: AgentProcess) -> None:
     assert exceeded >= codes["DEADLINE_EXCEEDED"] - 2  # counted by the agent, not only seen by the client
 
 
-@pytest.mark.parametrize("seconds", [pytest.param(2.0, id="quick"), pytest.param(30.0, id="soak",
+@pytest.mark.parametrize("seconds", [pytest.param(1.5, id="quick"), pytest.param(30.0, id="soak",
                                                                                    marks=pytest.mark.slow)])
 def test_stop_start_race_with_requests(agent: AgentProcess, seconds: float) -> None:
     """StopModel/StartModel in a loop while 4 clients call DetectAnomalies on the same model."""
@@ -378,7 +379,8 @@ def test_stop_during_swap_then_start_serves_the_new_version(agent: AgentProcess,
 
 @pytest.mark.parametrize("rounds", [pytest.param(1, id="quick"), pytest.param(3, id="soak", marks=pytest.mark.slow)])
 def test_sigterm_lets_received_requests_finish(onnx_files: dict[str, Path], rounds: int) -> None:
-    """SIGTERM with 20 DetectAnomalies in flight (1024x1024 bodies, 0.25 s model): none is cancelled."""
+    """SIGTERM with 20 DetectAnomalies in flight (1024x1024 bodies, the 0.25 s model): none is cancelled.
+    (With a faster model most calls are done before the signal lands, and the old agent passes too.)"""
     codes: Counter[str] = Counter()
     exits = []
     for _ in range(rounds):

@@ -383,7 +383,7 @@ def test_remove_while_loading_discards_the_load(registries, versions, runtime):
 
 
 def test_requests_racing_stop_start_and_swaps(registries, versions, runtime):
-    """Real threads for ~1.5 s: requests lease and predict while another thread stops, starts and swaps.
+    """Real threads for ~1 s: requests lease and predict while another thread stops, starts and swaps.
     Requests may be refused (FAILED_PRECONDITION / NOT_FOUND), never hit an unloaded session; every
     StopModel returns STOPPED; at the end every session but the serving one is freed."""
     registry = registries(stop_timeout_s=5.0)
@@ -391,7 +391,7 @@ def test_requests_racing_stop_start_and_swaps(registries, versions, runtime):
     registry.upsert(packages[0])
     registry.start("widget")
     running(registry)
-    stop_at = time.monotonic() + 1.5
+    stop_at = time.monotonic() + 1.0
     outcomes: dict[str, int] = {}
     lock = threading.Lock()
     image = grey_with_square()

@@ -204,7 +204,7 @@ def test_stop_model_during_requests_never_fails_them_internally(agent_factory, m
     agent = agent_factory(runtime=runtime, max_concurrency=2, warmup_runs=0)
     make_package("anomalib", "widget")
     wait_known(agent, "widget")
-    end = time.monotonic() + 2.0
+    end = time.monotonic() + 1.0
     with grpc.insecure_channel(agent.config.socket) as ch:
         stub = pb_modules[1].EdgeAgentStub(ch)
         start(stub, pb, "widget")
