@@ -436,15 +436,12 @@ class ModelRegistry:
                 log.info("model %s added (version %s)", name, package.version)
                 start = autostart
             else:
-                cleared = bool(model.package_problem)
-                model.package_problem = ""
                 if package.fingerprint == model.package.fingerprint or package.fingerprint in model.rejected:
-                    if not cleared:
-                        return  # nothing new (a failed swap's package is not tried again)
-                else:
-                    model.package = package
-                    self._package_changed(model, package)
-                    start = model.status == ModelStatus.FAILED and autostart
+                    return  # nothing new (a failed swap's package is not tried again)
+                model.package = package
+                model.package_problem = ""  # a newer package arrived: whatever was wrong before is moot
+                self._package_changed(model, package)
+                start = model.status == ModelStatus.FAILED and autostart
             info = model.info()
         self._notify("on_status", info)
         if start:
@@ -468,8 +465,9 @@ class ModelRegistry:
         # STOPPED, FAILED, STOPPING: the next start loads the new package
 
     def report_package_problem(self, name: str, problem: str) -> None:
-        """A newer package for `name` exists but can't be read (discovery keeps the previous one); shown in
-        DescribeModel's status_message until a readable package replaces it. Unknown names are ignored."""
+        """A newer package for `name` exists but can't be read (discovery keeps serving the previous one):
+        shown in DescribeModel's status_message until the reporter clears it (problem "") or a package
+        with another fingerprint arrives. Unknown names are ignored."""
         with self._lock:
             model = self._models.get(name)
             if model is None or model.removed or model.package_problem == problem:

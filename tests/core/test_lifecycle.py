@@ -348,8 +348,13 @@ def test_package_problem_is_shown_until_a_readable_package_arrives(registries, v
     registry.upsert(package)
     registry.report_package_problem("widget", "new package skipped: manifest.json is not valid JSON")
     assert registry.describe("widget").status_message.endswith("manifest.json is not valid JSON")
-    registry.upsert(package)  # the directory reads fine again
+    registry.upsert(package)  # discovery keeps handing in the previous package meanwhile
+    assert "manifest.json" in registry.describe("widget").status_message
+    registry.report_package_problem("widget", "")  # the directory reads fine again
     assert "manifest" not in registry.describe("widget").status_message
+    registry.report_package_problem("widget", "half-copied")
+    registry.upsert(versions(2))  # or a new package arrives
+    assert "half-copied" not in registry.describe("widget").status_message
     registry.report_package_problem("nope", "ignored")  # unknown names are ignored
 
 

@@ -107,7 +107,7 @@ class RequestGuard(grpc.ServerInterceptor):
         with self._cond:
             return self._inflight
 
-    def quiesce(self, timeout: float, quiet_s: float = 0.25) -> bool:
+    def quiesce(self, timeout: float, quiet_s: float = 0.1) -> bool:
         """Wait until no unary call is being handled and none arrived for quiet_s; False on timeout."""
         deadline = self._clock() + timeout
         with self._cond:
