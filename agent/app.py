@@ -164,8 +164,19 @@ class Agent:
         self._stop_requested.set()
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Block until request_stop() or stop(); True if that happened within timeout."""
-        return self._stop_requested.wait(timeout)
+        """Block until request_stop() or stop(); True if that happened within timeout.
+
+        Waits in short slices: Python runs signal handlers in the main thread only, and a SIGTERM that
+        the kernel delivers to another thread (grpc's, ONNX Runtime's) does not interrupt a lock wait
+        without a timeout, so an untimed wait could sleep through the signal forever (seen once in
+        eight SIGTERMs under load)."""
+        end = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = 0.2 if end is None else min(0.2, end - time.monotonic())
+            if self._stop_requested.wait(max(left, 0.0)):
+                return True
+            if end is not None and time.monotonic() >= end:
+                return False
 
     def stop(self, grace: float | None = None) -> None:
         """Let requests that arrived finish (within grace), refuse new calls, stop models, remove the socket.
