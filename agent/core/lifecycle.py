@@ -224,6 +224,8 @@ class ModelRegistry:
             if model.status not in (ModelStatus.STOPPED, ModelStatus.FAILED):
                 raise InvalidModelState(f"the edge agent can't start model {name!r}: it is {model.status.name}; "
                                         "only a STOPPED or FAILED model can be started")
+            if self._closed:
+                raise InvalidModelState(f"the edge agent can't start model {name!r}: it is shutting down")
             self._begin_load(model, model.package, swap=False)
             model.status = ModelStatus.STARTING
             model.message = "loading"
