@@ -23,6 +23,7 @@ from agent.core.admission import Capacity
 from agent.core.discovery import DirectoryWatcher
 from agent.core.inference import DetectObserver, InferenceService
 from agent.core.lifecycle import ModelRegistry, RegistryListener, RegistrySettings
+from agent.core.masks import MaskPolicy
 from agent.core.pipeline import Clock, Detection
 from agent.logs import configure
 from agent.runtime.base import ModelRuntime
@@ -46,6 +47,10 @@ def registry_settings(config: AgentConfig) -> RegistrySettings:
         load_timeout_s=config.load_timeout_s,
         autostart=config.autostart,
     )
+
+
+def mask_policy(config: AgentConfig) -> MaskPolicy:
+    return MaskPolicy(config.inline_mask, config.inline_mask_max_bytes, config.inline_mask_normal)
 
 
 def onnx_runtime(config: AgentConfig) -> OnnxRuntime:
@@ -91,7 +96,8 @@ class Agent:
                                       capacity=self.capacity)
         self.metrics.watch_admission(self.registry)
         observers = [self.metrics] + ([observer] if observer is not None else [])
-        self.inference = InferenceService(self.registry, clock=clock, observer=_Observers(observers))
+        self.inference = InferenceService(self.registry, clock=clock, observer=_Observers(observers),
+                                          mask_policy=mask_policy(config))
         self.addresses: list[str] = []
         self.metrics_server: MetricsServer | None = None
         # extra gRPC services, added at start(); health always, reflection if configured
@@ -138,6 +144,7 @@ class Agent:
         config = old.replace(**live)
         self.config = config
         self.registry.update_settings(registry_settings(config))
+        self.inference.mask_policy = mask_policy(config)
         if isinstance(self.runtime, OnnxRuntime):
             self.runtime.options = onnx_runtime(config).options
         if self._watcher is not None:

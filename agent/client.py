@@ -69,7 +69,8 @@ def detect(stub: pb_grpc.EdgeAgentStub, model: str, image: np.ndarray, use_shm: 
         result = stub.DetectAnomalies(request, timeout=timeout).detect_anomaly_result
         mask = None
         if result.anomaly_mask.HasField("shared_memory_handle"):
-            mask = np.frombuffer(mask_mm, np.uint8, count=data.nbytes).reshape(height, width, 3).copy()
+            mw, mh = result.anomaly_mask.width, result.anomaly_mask.height  # the frame's, or raw_image_shape
+            mask = np.frombuffer(mask_mm, np.uint8, count=mw * mh * 3).reshape(mh, mw, 3).copy()
         return result, mask
 
 
@@ -90,6 +91,8 @@ def overlay(image: np.ndarray, mask: np.ndarray | None, alpha: float = 0.55) -> 
     """The image with non-background mask pixels tinted in their class colour (white = background)."""
     if mask is None:
         return Image.fromarray(image)
+    if mask.shape[:2] != image.shape[:2]:  # scaled to fit the response (InlineMask=fit) or raw_image_shape
+        mask = np.asarray(Image.fromarray(mask).resize((image.shape[1], image.shape[0]), Image.Resampling.NEAREST))
     blended = image.astype(np.float32)
     hit = np.any(mask != 255, axis=2)
     blended[hit] = (1 - alpha) * blended[hit] + alpha * mask[hit].astype(np.float32)

@@ -436,14 +436,24 @@ class ModelRegistry:
                 model = _Model(package)
                 self._models[name] = model
                 log.info("model %s added (version %s)", name, package.version)
-                start = autostart
+                start = autostart and not package.unservable
+                if package.unservable:  # e.g. a Neo/DLR-compiled LFV model: listed, FAILED, with the reason
+                    model.status, model.message = ModelStatus.FAILED, package.unservable
+                    log.error("model %s: %s", name, package.unservable)
             else:
                 if package.fingerprint == model.package.fingerprint or package.fingerprint in model.rejected:
                     return  # nothing new (a failed swap's package is not tried again)
+                was_failed = model.status == ModelStatus.FAILED
+                previous = model.package
                 model.package = package
                 model.package_problem = ""  # a newer package arrived: whatever was wrong before is moot
                 self._package_changed(model, package)
-                start = model.status == ModelStatus.FAILED and autostart
+                if model.status in (ModelStatus.STOPPED, ModelStatus.FAILED) and (
+                        package.unservable or previous.unservable):
+                    # FAILED for that reason, or no more (STOPPED until started, like any model)
+                    model.status = ModelStatus.FAILED if package.unservable else ModelStatus.STOPPED
+                    model.message = package.unservable
+                start = was_failed and autostart and not package.unservable
             info = model.info()
         self._notify("on_status", info)
         if start:

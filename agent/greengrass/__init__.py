@@ -1,6 +1,6 @@
 """Running as the Greengrass v2 component com.edgeagent.EdgeAgent (docs/greengrass.md).
 
-Depends on the core; the core never imports this package. agent/cli/ (the composition root)
+Depends on the core; the core never imports this package. agent/app.py (the composition root)
 wires it in when `detect()` finds the nucleus' environment.
 """
 

@@ -103,7 +103,10 @@ def test_error_codes_are_counted(running_agent: RunningAgent) -> None:
     assert handled(a, "StopModel", "FAILED_PRECONDITION") == 1
     assert handled(a, "StartModel", "OK") == 1
     assert handled(a, "ListModels", "OK") == 1
-    assert handled(a, "NoSuchMethod", "UNIMPLEMENTED") == 1
+    # Counted under fixed labels: a client-chosen method name never becomes a label value.
+    assert a.sample("grpc_server_handled_total", grpc_service="unknown", grpc_method="unknown",
+                    grpc_type="unknown", grpc_code="UNIMPLEMENTED") == 1
+    assert handled(a, "NoSuchMethod", "UNIMPLEMENTED") == 0
     # Rejected before reaching the model: no latency observed, no per-model request.
     assert a.sample("edge_agent_request_duration_seconds_count", model=MODEL, version="1") == 0
     assert a.sample("grpc_server_handling_seconds_count", grpc_service=SERVICE, grpc_method="DetectAnomalies",
