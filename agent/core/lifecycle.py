@@ -22,7 +22,6 @@ dropped before it starts, and a load that hangs gives its slot back when its tim
 from __future__ import annotations
 
 import enum
-import itertools
 import logging
 import threading
 import time
@@ -104,10 +103,7 @@ class _LoadJob:
     """One load (a start, or a swap's new version). Only the job a model currently points at counts:
     anything else that finishes is discarded, so cancelling is just forgetting it."""
 
-    _ids = itertools.count(1)
-
     def __init__(self, model: _Model, package: ModelPackage, swap: bool) -> None:
-        self.id = next(self._ids)
         self.model = model
         self.package = package
         self.swap = swap
@@ -115,7 +111,7 @@ class _LoadJob:
 
     def __repr__(self) -> str:
         kind = "swap" if self.swap else "start"
-        return f"<load #{self.id} {kind} {self.package.name} {self.package.version}>"
+        return f"<load {kind} {self.package.name} {self.package.version}>"
 
 
 @dataclass(eq=False)
