@@ -157,9 +157,9 @@ class Agent:
         return later
 
     def _removal_grace_s(self) -> float:
-        # The grace period protects Greengrass model-component links (docs/greengrass.md); a standalone
-        # package directory that is deleted goes at once, as it always did.
-        return self.config.removal_grace_s if self._component_models else 0.0
+        # Both modes: it protects Greengrass model-component links (docs/greengrass.md) and a standalone
+        # package replaced by `rm -rf` + `cp -r` slower than a scan (docs/model-package.md).
+        return self.config.removal_grace_s
 
     def rescan_models(self, flush_missing: bool = False) -> None:
         """Look at the models dir now (a deployment just finished) instead of at the next poll."""
@@ -249,7 +249,7 @@ def serve(cli: Mapping[str, Any], environ: Mapping[str, str] = os.environ) -> in
     # Started by the Greengrass nucleus (SVCUID + IPC socket in the environment): configuration and
     # deployments come over IPC, models from model components (docs/greengrass.md).
     gg = detect(environ, Path.cwd())
-    component = running = None
+    component = None
     if gg is None:
         config = AgentConfig.from_sources(env=environ, cli=cli)
     else:
@@ -266,11 +266,12 @@ def serve(cli: Mapping[str, Any], environ: Mapping[str, str] = os.environ) -> in
     tune_malloc(config.malloc_mmap_threshold_mb)
 
     agent = Agent(config, component_models=gg is not None)
-    if component is not None:
-        from agent.greengrass.running import STATE_FILE, RunningModels
+    from agent.core.running_set import STATE_FILE, RunningModels
 
-        running = RunningModels(Path(config.work_dir) / STATE_FILE, agent.registry, component.component_autostart)
-        agent.registry.add_listener(running)
+    # Models asked to run come back RUNNING after a restart, standalone and under Greengrass alike.
+    running = RunningModels(Path(config.work_dir) / STATE_FILE, agent.registry,
+                            component.component_autostart if component is not None else None)
+    agent.registry.add_listener(running)
     agent.start()
     if component is not None:
         component.attach(agent)
@@ -285,8 +286,7 @@ def serve(cli: Mapping[str, Any], environ: Mapping[str, str] = os.environ) -> in
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
-        if running is not None:
-            running.freeze()  # stopping the models on the way out is not a StopModel
+        running.freeze()  # stopping the models on the way out is not a StopModel
         if component is not None:
             component.stop()
         agent.stop()

@@ -242,9 +242,10 @@ class AgentConfig:
                                           _parse_list, restart=False)
     scan_interval_s: float = _setting(1.0, "ModelScanIntervalSeconds", "how often model packages are "
                                       "rescanned", _parse_positive_float, restart=False)
-    removal_grace_s: float = _setting(60.0, "ModelRemovalGraceSeconds", "Greengrass: how long a model whose "
-                                      "component link vanished keeps serving before it is removed (a "
-                                      "reappearing link cancels it; standalone package dirs go at once)",
+    removal_grace_s: float = _setting(60.0, "ModelRemovalGraceSeconds", "how long a model whose package "
+                                      "directory (standalone) or component link (Greengrass) vanished keeps "
+                                      "serving before it is removed; a package that reappears in time is "
+                                      "swapped in instead (rm -rf + cp -r)",
                                       _parse_non_negative_float, restart=False)
     stop_timeout_s: float = _setting(30.0, "StopTimeoutSeconds", "how long StopModel and shutdown wait for "
                                      "in-flight requests", _parse_positive_float, restart=False)
@@ -308,17 +309,20 @@ class AgentConfig:
         values: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
             key = f.metadata["key"]
-            for source, name in (
-                (greengrass, key),
-                (env, ENV_PREFIX + _snake(key).upper()),
-                (cli, f.name),
+            env_name = ENV_PREFIX + _snake(key).upper()
+            # (source, name in it, what the error message calls it: what the user typed, never a field name)
+            for source, name, shown in (
+                (greengrass, key, key),
+                (env, env_name, env_name),
+                (cli, f.name, f.metadata["flag"]),
             ):
                 if source is not None and source.get(name) is not None:
                     raw = source[name]
                     try:
                         values[f.name] = f.metadata["parse"](raw)
                     except (ValueError, TypeError) as exc:
-                        raise ConfigError(f"invalid {key} ({name}={raw!r}): {exc}") from exc
+                        given = f"{shown} {raw!r}" if shown.startswith("--") else f"{shown}={raw!r}"
+                        raise ConfigError(f"invalid {key} ({given}): {exc}") from exc
         return cls(**values)
 
     @classmethod

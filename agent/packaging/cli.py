@@ -221,13 +221,36 @@ def _common(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--greengrass-endpoint-url", help="greengrassv2 endpoint URL")
 
 
+#: Request keys each command cannot do without (the API raises a TypeError/ValidationException without them):
+#: shown as required in --help, and checked with a message naming the option.
+REQUIRED: dict[str, tuple[str, ...]] = {
+    "create-project": ("ProjectName",),
+    "describe-project": ("ProjectName",),
+    "create-model": ("ProjectName", "ModelFile"),
+    "describe-model": ("ProjectName", "ModelVersion"),
+    "list-models": ("ProjectName",),
+    "start-model-packaging-job": ("ProjectName", "ModelVersion", "Configuration"),
+    "describe-model-packaging-job": ("ProjectName", "JobName"),
+    "list-model-packaging-jobs": ("ProjectName",),
+}
+#: Options with a fixed set of values (listed in --help, checked by argparse).
+CHOICES: dict[str, tuple[str, ...]] = {
+    "--kind": ("auto", "anomalib", "anomalib_v1", "classification", "segmentation"),
+    "--normalize": ("imagenet",),
+}
+
+
 def _api_command(sub: Any, name: str, help_text: str, params: Sequence[Param],
                  call: Callable[[Any, dict[str, Any], argparse.Namespace], Any],
                  extra: Callable[[argparse.ArgumentParser], object] | None = None) -> None:
     p = sub.add_parser(name, help=help_text, description=help_text)
+    required = REQUIRED.get(name, ())
+    needed = p.add_argument_group("required (on the command line or in --cli-input-json)") if required else p
     for flag, key, kind in params:
-        p.add_argument(flag, type={"int": int, "number": float}.get(kind, str), default=None,
-                       help=f"{key}{' (JSON text or file://path)' if kind == 'json' else ''}")
+        (needed if key in required else p).add_argument(
+            flag, type={"int": int, "number": float}.get(kind, str), default=None, choices=CHOICES.get(flag),
+            help=f"{key}{' (JSON text or file://path)' if kind == 'json' else ''}"
+                 f"{' (required)' if key in required else ''}")
     p.add_argument("--cli-input-json", help="the request as JSON text or file://path (PascalCase keys)")
     if extra:
         extra(p)
@@ -235,6 +258,10 @@ def _api_command(sub: Any, name: str, help_text: str, params: Sequence[Param],
 
     def run(args: argparse.Namespace) -> int:
         request = gather(args, params)
+        missing = [flag for flag, key, _ in params if key in required and key not in request]
+        if missing:
+            keys = ", ".join(k for f, k, _ in params if f in missing)
+            raise ValidationException(f"{name} needs {', '.join(missing)} (or {keys} in --cli-input-json)")
         result = call(args, request, args)
         outcome = result if isinstance(result, Outcome) else Outcome(result)
         _print(outcome.response)
@@ -315,6 +342,16 @@ def _deploy(args: argparse.Namespace) -> int:
     return 0
 
 
+def register_model_queries(subparsers: Any) -> None:
+    """The registry's describe-model / list-models options (agent/cli/models.py dispatches: with --project-name
+    or --cli-input-json the registry answers, otherwise the agent on --socket)."""
+    _api_command(subparsers, "describe-model", "describe a model version",
+                 [("--project-name", "ProjectName", "str"), ("--model-version", "ModelVersion", "str")],
+                 lambda a, r, _: _client(a).describe_model(**r))
+    _api_command(subparsers, "list-models", "list a project's model versions",
+                 [("--project-name", "ProjectName", "str")], lambda a, r, _: _client(a).list_models(**r))
+
+
 def register(subparsers: Any) -> None:
     """Add the registry, packaging and deploy sub-commands to the edge-agent parser."""
     _api_command(subparsers, "create-project", "create a project in the local model registry",
@@ -330,11 +367,8 @@ def register(subparsers: Any) -> None:
          ("--description", "Description", "str"), ("--threshold", "Threshold", "number"),
          ("--image-size", "ImageSize", "str"), ("--normalize", "Normalize", "str")],
         _create_model)
-    _api_command(subparsers, "describe-model", "describe a model version",
-                 [("--project-name", "ProjectName", "str"), ("--model-version", "ModelVersion", "str")],
-                 lambda a, r, _: _client(a).describe_model(**r))
-    _api_command(subparsers, "list-models", "list a project's model versions",
-                 [("--project-name", "ProjectName", "str")], lambda a, r, _: _client(a).list_models(**r))
+    # describe-model and list-models: agent/cli/models.py owns the two commands (they also query a running
+    # agent) and adds the registry's options to them through register_model_queries().
     _api_command(
         subparsers, "start-model-packaging-job",
         "package a model version as a Greengrass model component (asynchronous; see describe-model-packaging-job)",
@@ -352,15 +386,17 @@ def register(subparsers: Any) -> None:
                   ("--next-token", "NextToken", "str")],
                  lambda a, r, _: _client(a).list_model_packaging_jobs(**r))
 
-    d = subparsers.add_parser("deploy", help="deploy model components (and the agent) with greengrassv2 "
-                                             "CreateDeployment, or print the local greengrass-cli command")
+    deploy_help = ("deploy model components (and the agent) with greengrassv2 CreateDeployment, or print the local "
+                   "greengrass-cli command")
+    d = subparsers.add_parser("deploy", help=deploy_help, description=deploy_help)
     d.add_argument("--target-arn", help="IoT thing or thing group ARN")
     d.add_argument("--component", action="append", required=True, metavar="NAME=VERSION",
                    help="a component to deploy (repeatable)")
     d.add_argument("--agent-version", default=__version__,
                    help=f"version of com.edgeagent.EdgeAgent to deploy along (default {__version__})")
     d.add_argument("--no-agent", action="store_true", help="don't add the agent component")
-    d.add_argument("--deployment-name")
+    d.add_argument("--deployment-name", help="deploymentName shown in the Greengrass console (default: none; the "
+                                             "console shows the deployment id)")
     d.add_argument("--timeout", type=int, default=60,
                    help="seconds components get to defer the update (NOTIFY_COMPONENTS), default 60")
     d.add_argument("--local", action="store_true",
@@ -370,7 +406,8 @@ def register(subparsers: Any) -> None:
                    help="with --local: a `scripts/build-component` output folder (e.g. greengrass-build) to add the "
                         "agent component from, when the store lacks --agent-version")
     d.add_argument("--home", help="registry directory, for --local")
-    d.add_argument("--region")
-    d.add_argument("--greengrass-endpoint-url")
+    d.add_argument("--region", help="AWS region of the greengrassv2 call (default: $AWS_REGION, else "
+                                    "$AWS_DEFAULT_REGION, else us-east-1)")
+    d.add_argument("--greengrass-endpoint-url", help="greengrassv2 endpoint URL (a test double or a VPC endpoint)")
     d.set_defaults(func=guarded(_deploy))
 
