@@ -11,7 +11,7 @@ One explicit state machine per model (the states are the Lookout for Vision Edge
         swap fail / time-out: the old version keeps serving; the failed package is remembered and not
         retried until a package with another fingerprint appears; DescribeModel's message says why
         stop / remove / newer package during a swap: the pending load is cancelled and discarded
-    any state --remove--> gone             (never waits: requests in flight finish on what they hold)
+    any state --remove--> gone             (a load is cancelled; RUNNING is drained first, as by a stop)
 
 Requests hold a *lease* on the loaded version they looked up (`lease()`), so a stop, swap or removal
 never unloads a session under a request: a retired version is unloaded when its last holder lets go.
@@ -399,8 +399,8 @@ class ModelRegistry:
             if job.swap:
                 model.rejected[package.fingerprint] = reason
                 serving = model.serving.package.version if model.serving else "?"
-                model.message = (f"update to version {package.version} failed, still serving the previous version "
-                                 f"({serving}): "
+                model.message = (f"update of {package.name} to version {package.version} failed, still serving "
+                                 f"the previous version ({serving}): "
                                  f"{reason} (not retried until the package changes)")
             else:
                 model.status = ModelStatus.FAILED
@@ -485,15 +485,34 @@ class ModelRegistry:
         self._notify("on_status", info)
 
     def remove(self, name: str) -> None:
-        """Forget a model in any state. Never waits: requests in flight finish on the version they hold,
-        which is freed when the last of them lets go; a load under way is cancelled."""
+        """Forget a model in any state: a load under way is cancelled, a RUNNING model is drained first like a
+        StopModel (STOPPING, at most StopTimeoutSeconds; requests still running then finish on the version
+        they hold, which is freed when the last of them lets go). Blocks for the drain: discovery calls it
+        from its own removal thread, never from a scan."""
         with self._lock:
             model = self._models.get(name)
             if model is None or model.removed:
                 return
-            model.removed = True
-            del self._models[name]
             self._cancel_load(model)
+            serving = None
+            if model.status == ModelStatus.RUNNING:
+                model.status = ModelStatus.STOPPING
+                model.message = "removing: waiting for requests in flight"
+                serving = model.serving
+                info = model.info()
+            elif model.status == ModelStatus.STOPPING:  # a StopModel is draining it: let that finish
+                self._changed.wait_for(lambda: model.status != ModelStatus.STOPPING,
+                                       self._settings.stop_timeout_s + 5)
+        if serving is not None:
+            self._notify("on_status", info)
+            self._drain_and_stop(model, serving)
+        with self._lock:
+            if model.removed:
+                return  # removed by another caller meanwhile
+            model.removed = True
+            if self._models.get(name) is model:
+                del self._models[name]
+            self._cancel_load(model)  # started again during the drain
             unload = self._retire(model.serving)
             model.serving, model.gate = None, None
             model.status = ModelStatus.STOPPED

@@ -309,11 +309,11 @@ def test_failed_swap_is_not_retried_and_a_fixed_package_is(registries, versions,
     (broken.root / "model.onnx.data").write_bytes(b"corrupt")
     with caplog.at_level(logging.ERROR, logger="agent.core.lifecycle"):
         registry.upsert(broken)
-        until(lambda: "update to version 2 failed" in registry.describe("widget").status_message)
+        until(lambda: "update of widget to version 2 failed" in registry.describe("widget").status_message)
         for _ in range(5):  # discovery scans again and again while the broken package stays
             registry.upsert(broken)
         time.sleep(0.2)
-    errors = [r for r in caplog.records if "update to version 2 failed" in r.getMessage()]
+    errors = [r for r in caplog.records if "update of widget to version 2 failed" in r.getMessage()]
     assert len(errors) == 1 and registry.busy() == []
     info = registry.describe("widget")
     assert info.status == S.RUNNING and info.version == "1" and "sha256" in info.status_message
@@ -358,18 +358,23 @@ def test_package_problem_is_shown_until_a_readable_package_arrives(registries, v
     registry.report_package_problem("nope", "ignored")  # unknown names are ignored
 
 
-def test_remove_never_waits_and_frees_after_the_last_holder(registries, versions, runtime):
-    registry = registries()
+def test_remove_drains_like_stop_and_frees_after_the_last_holder(registries, versions, runtime):
+    registry = registries(stop_timeout_s=0.3)
     registry.upsert(versions(1))
     registry.start("widget")
     running(registry)
     with registry.lease("widget") as held:
         t0 = time.monotonic()
-        registry.remove("widget")
-        assert time.monotonic() - t0 < 0.2
+        with ThreadPoolExecutor(1) as pool:
+            removal = pool.submit(registry.remove, "widget")
+            until(lambda: registry.describe("widget").status == S.STOPPING)
+            with pytest.raises(InvalidModelState, match="STOPPING"), registry.lease("widget"):
+                pass
+            removal.result(5)
+        assert 0.25 < time.monotonic() - t0 < 2  # drained for StopTimeoutSeconds, then gone
         with pytest.raises(ModelNotFound):
             registry.describe("widget")
-        assert held.predictor.predict(grey_with_square()).is_anomalous
+        assert held.predictor.predict(grey_with_square()).is_anomalous  # still loaded for its holder
         assert runtime.unloads == []
     assert runtime.unloads == ["1"]
 
