@@ -1,4 +1,5 @@
-"""recipe.yaml and gdk-config.json: they render, parse, cover both platforms and stay in step with AgentConfig."""
+"""recipe.yaml and gdk-config.json: they render, parse, cover both platforms, keep the rules of both nuclei
+(classic and lite), fit lite's recipe buffer and stay in step with AgentConfig."""
 
 from __future__ import annotations
 
@@ -15,11 +16,26 @@ import yaml
 from agent.config import AgentConfig
 from agent.greengrass import COMPONENT_NAME
 from agent.greengrass.component import ConfigSource
-from agent.greengrass.recipe import INSTALL_KEYS, PLATFORMS, default_configuration, render, setenv
+from agent.greengrass.recipe import (
+    INSTALL_KEYS,
+    INSTALL_SCRIPT,
+    LITE_RECIPE_BUFFER,
+    MACHINES,
+    MAX_RECIPE_BYTES,
+    PLATFORMS,
+    both_nuclei_problems,
+    check_size,
+    default_configuration,
+    render,
+    setenv,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 WHEEL = "edge_agent-1.2.3-py3-none-any.whl"
-URI = f"s3://my-bucket/{COMPONENT_NAME}/1.2.3/{WHEEL}"
+BASE = f"s3://my-bucket/{COMPONENT_NAME}/1.2.3"
+URI = f"{BASE}/{WHEEL}"
+WHEELHOUSES = {"x86_64": f"{BASE}/edge_agent-wheelhouse-x86_64.zip",
+               "aarch64": f"{BASE}/edge_agent-wheelhouse-aarch64.zip"}
 PLACEHOLDER = re.compile(r"\{([.\w-]+):([^:}]*)}")
 
 
@@ -28,8 +44,14 @@ def recipe() -> dict[str, Any]:
     return yaml.safe_load(render((ROOT / "recipe.yaml").read_text(), "1.2.3", URI))
 
 
+@pytest.fixture(scope="module")
+def offline_recipe() -> dict[str, Any]:
+    return yaml.safe_load(render((ROOT / "recipe.yaml").read_text(), "1.2.3", URI, wheelhouse_uris=WHEELHOUSES))
+
+
 def manifest(recipe: dict[str, Any], os_name: str, arch: str) -> dict[str, Any]:
-    found = [m for m in recipe["Manifests"] if m["Platform"] == {"os": os_name, "architecture": arch}]
+    found = [m for m in recipe["Manifests"]
+             if m["Platform"] == {"os": os_name, "architecture": arch, "runtime": "*"}]
     assert len(found) == 1, f"one manifest for {os_name}/{arch}"
     return found[0]
 
@@ -42,7 +64,8 @@ def interpolate(text: str, config: dict[str, Any], work: str = "/gg/work/c", art
         if namespace == "configuration":
             v = config[key.lstrip("/")]
             return ("true" if v else "false") if isinstance(v, bool) else str(v)
-        return {("work", "path"): work, ("artifacts", "path"): artifacts}.get((namespace, key), m[0])
+        return {("work", "path"): work, ("artifacts", "path"): artifacts,
+                ("artifacts", "decompressedPath"): artifacts + "-unarchived"}.get((namespace, key), m[0])
 
     return PLACEHOLDER.sub(value, text)
 
@@ -60,21 +83,68 @@ def test_top_level_fields(recipe: dict[str, Any]) -> None:
 def test_each_platform_installs_the_wheel_and_runs_the_agent(recipe: dict[str, Any], os_name: str, arch: str,
                                                              tmp_path: Path) -> None:
     m = manifest(recipe, os_name, arch)
-    assert m["Artifacts"] == [{"URI": URI, "Permission": {"Read": "OWNER", "Execute": "NONE"}}]
+    owner = {"Read": "OWNER", "Execute": "NONE"}
+    assert m["Artifacts"] == [{"Uri": URI, "Permission": owner}, {"Uri": f"{BASE}/install.sh", "Permission": owner}]
     lifecycle = m["Lifecycle"]
-    assert set(lifecycle) == {"Install", "Run"}
-    assert "edge-agent serve" in lifecycle["Run"]["Script"]
+    assert set(lifecycle) == {"install", "run"}  # lowercase: the only spelling lite reads; classic ignores case
+    assert "edge-agent serve" in lifecycle["run"]["Script"]
     config = default_configuration()
     for system_ort in (False, True):
         config["UseSystemOnnxRuntime"] = system_ort
-        for step in ("Install", "Run"):
+        for step in ("install", "run"):
             script = interpolate(lifecycle[step]["Script"], config)
             assert not PLACEHOLDER.search(script), f"{step}: left {PLACEHOLDER.findall(script)}"
-            check = subprocess.run(["bash", "-n", "-c", script], capture_output=True, text=True)
+            check = subprocess.run(["sh", "-n", "-c", script], capture_output=True, text=True)
             assert check.returncode == 0, f"{arch} {step} is not valid shell: {check.stderr}"
-    install = lifecycle["Install"]["Script"]
-    assert "--system-site-packages" in install and "{configuration:/UseSystemOnnxRuntime}" in install
-    assert lifecycle["Install"]["Timeout"] >= 600
+    install = lifecycle["install"]["Script"]
+    assert install.startswith('sh "{artifacts:path}/install.sh" ')
+    assert "{configuration:/UseSystemOnnxRuntime}" in install and "{configuration:/InstallProfile}" in install
+    assert lifecycle["install"]["Timeout"] >= 600
+
+
+def test_offline_build_adds_the_machines_wheelhouse(offline_recipe: dict[str, Any]) -> None:
+    for os_name, arch in PLATFORMS:
+        machine = MACHINES[arch]
+        artifacts = manifest(offline_recipe, os_name, arch)["Artifacts"]
+        assert artifacts[-1] == {"Uri": WHEELHOUSES[machine], "Unarchive": "ZIP",
+                                 "Permission": {"Read": "OWNER", "Execute": "NONE"}}
+        assert len(artifacts) == 3
+
+
+def test_rendered_recipe_keeps_both_nuclei_rules_and_fits_lite(recipe: dict[str, Any],
+                                                                offline_recipe: dict[str, Any]) -> None:
+    assert both_nuclei_problems(recipe) == [] and both_nuclei_problems(offline_recipe) == []
+    text = render((ROOT / "recipe.yaml").read_text(), "1.2.3", URI, wheelhouse_uris=WHEELHOUSES)
+    assert check_size(text) == ""
+    assert len(text.encode()) <= MAX_RECIPE_BYTES < LITE_RECIPE_BUFFER
+    assert "#" not in text.replace("#/", ""), "comments count against lite's buffer: render drops them"
+    assert "nucleus lite reads at most 8196" in check_size(text + "x" * (MAX_RECIPE_BYTES - len(text) + 1))
+
+
+def test_both_nuclei_rules_catch_what_lite_rejects() -> None:
+    bad = {"Manifests": [{
+        "Platform": {"os": "linux", "architecture": "amd64"},
+        "Lifecycle": {"Install": {"Script": "x || { echo no; exit 1; }"},
+                      "run": {"Script": "ls {com.edgeagent.EdgeAgent:work:path}", "Setenv": {"A": "${HOME}"}}},
+        "Artifacts": [{"URI": "s3://b/x.zip"}]}]}
+    problems = "\n".join(both_nuclei_problems(bad))
+    for expected in ("runtime", "'Install' must be lowercase", "Install Script has a `{`", "cross-component",
+                     "run A has a `{`",
+                     "`Uri`"):
+        assert expected in problems, (expected, problems)
+
+
+def test_install_script_is_posix_sh_and_refuses_bad_settings(tmp_path: Path) -> None:
+    assert subprocess.run(["sh", "-n", str(INSTALL_SCRIPT)], capture_output=True).returncode == 0
+    art = tmp_path / "art"
+    art.mkdir()
+    (art / WHEEL).write_bytes(b"")
+    for args, message in ((["false", "tpu"], "InstallProfile must be cpu or gpu, not 'tpu'"),
+                          (["maybe", "cpu"], "UseSystemOnnxRuntime must be true or false")):
+        done = subprocess.run(["sh", str(INSTALL_SCRIPT), f"{art}/", str(tmp_path / "dec"), *args], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=30)
+        assert done.returncode == 1 and message in done.stderr
+        assert not (tmp_path / "venv").exists()
 
 
 def test_default_configuration_is_agentconfig_at_its_defaults(recipe: dict[str, Any]) -> None:
@@ -91,7 +161,7 @@ def test_default_configuration_is_agentconfig_at_its_defaults(recipe: dict[str, 
 def test_setenv_carries_exactly_the_restart_only_keys(recipe: dict[str, Any]) -> None:
     restart_keys = {k for k, f in AgentConfig.keys().items() if f.metadata["restart"]}
     for os_name, arch in PLATFORMS:
-        env = manifest(recipe, os_name, arch)["Lifecycle"]["Run"]["Setenv"]
+        env = manifest(recipe, os_name, arch)["Lifecycle"]["run"]["Setenv"]
         agent_env = {k: v for k, v in env.items() if k.startswith("EDGE_AGENT_")}
         assert agent_env == setenv()
         assert {v[len("{configuration:/"):-1] for v in agent_env.values()} == restart_keys
