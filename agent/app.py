@@ -22,6 +22,7 @@ from agent.config import AgentConfig
 from agent.core.discovery import DirectoryWatcher
 from agent.core.inference import DetectObserver, InferenceService
 from agent.core.lifecycle import ModelRegistry, RegistryListener, RegistrySettings
+from agent.core.masks import MaskPolicy
 from agent.core.pipeline import Clock, Detection
 from agent.logs import configure
 from agent.runtime.base import ModelRuntime
@@ -43,6 +44,10 @@ def registry_settings(config: AgentConfig) -> RegistrySettings:
         stop_timeout_s=config.stop_timeout_s,
         autostart=config.autostart,
     )
+
+
+def mask_policy(config: AgentConfig) -> MaskPolicy:
+    return MaskPolicy(config.inline_mask, config.inline_mask_max_bytes, config.inline_mask_normal)
 
 
 def onnx_runtime(config: AgentConfig) -> OnnxRuntime:
@@ -85,7 +90,8 @@ class Agent:
                                       listeners=[self.metrics, self.health, *(listeners or [])])
         self.metrics.watch_admission(self.registry)
         observers = [self.metrics] + ([observer] if observer is not None else [])
-        self.inference = InferenceService(self.registry, clock=clock, observer=_Observers(observers))
+        self.inference = InferenceService(self.registry, clock=clock, observer=_Observers(observers),
+                                          mask_policy=mask_policy(config))
         self.addresses: list[str] = []
         self.metrics_server: MetricsServer | None = None
         # extra gRPC services, added at start(); health always, reflection if configured
@@ -131,6 +137,7 @@ class Agent:
         config = old.replace(**live)
         self.config = config
         self.registry.update_settings(registry_settings(config))
+        self.inference.mask_policy = mask_policy(config)
         if isinstance(self.runtime, OnnxRuntime):
             self.runtime.options = onnx_runtime(config).options
         if self._watcher is not None:
@@ -143,9 +150,9 @@ class Agent:
         return later
 
     def _removal_grace_s(self) -> float:
-        # The grace period protects Greengrass model-component links (docs/greengrass.md); a standalone
-        # package directory that is deleted goes at once, as it always did.
-        return self.config.removal_grace_s if self._component_models else 0.0
+        # Both modes: it protects Greengrass model-component links (docs/greengrass.md) and a standalone
+        # package replaced by `rm -rf` + `cp -r` slower than a scan (docs/model-package.md).
+        return self.config.removal_grace_s
 
     def rescan_models(self, flush_missing: bool = False) -> None:
         """Look at the models dir now (a deployment just finished) instead of at the next poll."""
@@ -215,7 +222,7 @@ def serve(cli: Mapping[str, Any], environ: Mapping[str, str] = os.environ) -> in
     # Started by the Greengrass nucleus (SVCUID + IPC socket in the environment): configuration and
     # deployments come over IPC, models from model components (docs/greengrass.md).
     gg = detect(environ, Path.cwd())
-    component = running = None
+    component = None
     if gg is None:
         config = AgentConfig.from_sources(env=environ, cli=cli)
     else:
@@ -232,11 +239,12 @@ def serve(cli: Mapping[str, Any], environ: Mapping[str, str] = os.environ) -> in
     tune_malloc(config.malloc_mmap_threshold_mb)
 
     agent = Agent(config, component_models=gg is not None)
-    if component is not None:
-        from agent.greengrass.running import STATE_FILE, RunningModels
+    from agent.core.running_set import STATE_FILE, RunningModels
 
-        running = RunningModels(Path(config.work_dir) / STATE_FILE, agent.registry, component.component_autostart)
-        agent.registry.add_listener(running)
+    # Models asked to run come back RUNNING after a restart, standalone and under Greengrass alike.
+    running = RunningModels(Path(config.work_dir) / STATE_FILE, agent.registry,
+                            component.component_autostart if component is not None else None)
+    agent.registry.add_listener(running)
     agent.start()
     if component is not None:
         component.attach(agent)
@@ -251,8 +259,7 @@ def serve(cli: Mapping[str, Any], environ: Mapping[str, str] = os.environ) -> in
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
-        if running is not None:
-            running.freeze()  # stopping the models on the way out is not a StopModel
+        running.freeze()  # stopping the models on the way out is not a StopModel
         if component is not None:
             component.stop()
         agent.stop()

@@ -167,6 +167,20 @@ def _malloc_threshold_mb(value: Any) -> int:
     return number
 
 
+def _parse_inline_mask(value: Any) -> str:
+    text = str(value).strip().lower()
+    if text not in ("fit", "full", "none"):
+        raise ValueError(f"expected fit, full or none, got {value!r}")
+    return text
+
+
+def _inline_mask_bytes(value: Any) -> int:
+    number = _parse_int(value)
+    if number < 4096:
+        raise ValueError(f"must be at least 4096 bytes, got {value!r}")
+    return number
+
+
 def _snake(key: str) -> str:
     return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", key).lower()
 
@@ -228,9 +242,10 @@ class AgentConfig:
                                           _parse_list, restart=False)
     scan_interval_s: float = _setting(1.0, "ModelScanIntervalSeconds", "how often model packages are "
                                       "rescanned", _parse_positive_float, restart=False)
-    removal_grace_s: float = _setting(60.0, "ModelRemovalGraceSeconds", "Greengrass: how long a model whose "
-                                      "component link vanished keeps serving before it is removed (a "
-                                      "reappearing link cancels it; standalone package dirs go at once)",
+    removal_grace_s: float = _setting(60.0, "ModelRemovalGraceSeconds", "how long a model whose package "
+                                      "directory (standalone) or component link (Greengrass) vanished keeps "
+                                      "serving before it is removed; a package that reappears in time is "
+                                      "swapped in instead (rm -rf + cp -r)",
                                       _parse_non_negative_float, restart=False)
     stop_timeout_s: float = _setting(30.0, "StopTimeoutSeconds", "how long StopModel and shutdown wait for "
                                      "in-flight requests", _parse_positive_float, restart=False)
@@ -242,6 +257,19 @@ class AgentConfig:
         _malloc_threshold_mb)
     max_message_bytes: int = _setting(64 * 1024 * 1024 + 4096, "MaxMessageBytes", "largest gRPC message "
                                       "accepted or sent (a 4096x4096 RGB image is 48 MiB)", _at_least_one)
+    inline_mask: str = _setting(
+        "fit", "InlineMask", "masks sent inline in DetectAnomalies responses (anomaly_mask.byte_data): fit = full "
+        "size when the response fits InlineMaskMaxBytes, else scaled down (same aspect, nearest neighbour; areas "
+        "stay full-size) so gRPC clients with the default 4 MiB receive limit get every frame size; full = always "
+        "full size; none = never (shared-memory masks are always full size)", _parse_inline_mask, restart=False)
+    inline_mask_max_bytes: int = _setting(
+        4 * 1024 * 1024 - 64 * 1024, "InlineMaskMaxBytes", "InlineMask=fit: the largest DetectAnomalies response "
+        "with an inline mask, in bytes (default: gRPC's default 4 MiB client receive limit less 64 KiB)",
+        _inline_mask_bytes, restart=False)
+    inline_mask_normal: bool = _setting(
+        True, "InlineMaskNormal", "send the inline mask for normal results too, as Lookout for Vision did (a "
+        "640x480 mask is 0.9 MB of mostly white per response); off = only anomalous results carry one (areas are "
+        "listed either way)", parse_bool, restart=False)
     log_level: str = _setting("INFO", "LogLevel", "DEBUG, INFO, WARNING or ERROR", _parse_log_level,
                               restart=False)
     log_format: str = _setting("plain", "LogFormat", "plain or json", _parse_log_format)
@@ -275,17 +303,20 @@ class AgentConfig:
         values: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
             key = f.metadata["key"]
-            for source, name in (
-                (greengrass, key),
-                (env, ENV_PREFIX + _snake(key).upper()),
-                (cli, f.name),
+            env_name = ENV_PREFIX + _snake(key).upper()
+            # (source, name in it, what the error message calls it: what the user typed, never a field name)
+            for source, name, shown in (
+                (greengrass, key, key),
+                (env, env_name, env_name),
+                (cli, f.name, f.metadata["flag"]),
             ):
                 if source is not None and source.get(name) is not None:
                     raw = source[name]
                     try:
                         values[f.name] = f.metadata["parse"](raw)
                     except (ValueError, TypeError) as exc:
-                        raise ConfigError(f"invalid {key} ({name}={raw!r}): {exc}") from exc
+                        given = f"{shown} {raw!r}" if shown.startswith("--") else f"{shown}={raw!r}"
+                        raise ConfigError(f"invalid {key} ({given}): {exc}") from exc
         return cls(**values)
 
     @classmethod

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -20,14 +21,18 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("model", "agent.cli.model", "model packages: build one from an ONNX file"),
     ("detect", "agent.cli.detect", "run DetectAnomalies on image files and print JSON results"),
     ("status", "agent.cli.status", "one-screen summary: models, state, provider, request rate, latency"),
+    ("start-model", "agent.cli.models", "StartModel on the agent; with --wait, until the model is RUNNING"),
+    ("stop-model", "agent.cli.models", "StopModel on the agent (drains in-flight requests)"),
+    ("describe-model", "agent.cli.models", "describe a model on the agent (or, with --project-name, a model "
+                                           "version in the registry)"),
+    ("list-models", "agent.cli.models", "list the agent's models (or, with --project-name, a project's model "
+                                        "versions in the registry)"),
     ("bench", "agent.tools.bench.benchmark", "benchmark the agent against the in-process floor (not for CI)"),
     ("bench-ab", "agent.tools.bench.ab", "A/B two agent builds side by side (not for CI)"),
     ("create-project", "agent.packaging.cli", "create a Lookout for Vision project (local model registry)"),
     ("describe-project", "agent.packaging.cli", "describe a project"),
     ("list-projects", "agent.packaging.cli", "list projects"),
     ("create-model", "agent.packaging.cli", "import a trained ONNX model as a model version of a project"),
-    ("describe-model", "agent.packaging.cli", "describe a model version"),
-    ("list-models", "agent.packaging.cli", "list the model versions of a project"),
     ("start-model-packaging-job", "agent.packaging.cli", "package a model version as a Greengrass component"),
     ("describe-model-packaging-job", "agent.packaging.cli", "describe a model packaging job"),
     ("list-model-packaging-jobs", "agent.packaging.cli", "list a project's model packaging jobs"),
@@ -59,11 +64,25 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+#: exit status when whoever reads our output went away (`edge-agent status | head`): 128 + SIGPIPE, as a
+#: command killed by SIGPIPE reports it. SIGPIPE itself stays ignored (Python's default): the agent's own
+#: sockets must never kill `serve`.
+BROKEN_PIPE = 141
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(argv).parse_args(argv)
     try:
-        return int(args.func(args))
+        status = int(args.func(args))
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at interpreter exit
+        return status
     except AgentError as exc:
         print(f"edge-agent: {type(exc).__name__}: {exc.message}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # Point stdout at /dev/null so the interpreter's final flush does not raise a second time.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return BROKEN_PIPE

@@ -4,6 +4,14 @@ Models and states come from the LFV API on the socket (ListModels); version, pro
 rate, error rate and p50/p99 latency from two scrapes of the /metrics endpoint `--interval` seconds
 apart. Quantiles are computed from histogram buckets with Prometheus's own interpolation rule, over
 the interval when requests arrived in it, else over everything since the agent started (marked *).
+
+Whose metrics: the LFV API cannot say where an agent's /metrics endpoint is, so the URL is
+`--metrics-url`, else the one `edge-agent serve` would use with the same EDGE_AGENT_* variables. Two
+agents on one machine make that guess wrong, so the metrics are checked to come from the process
+that serves the socket (Linux: the socket's inode in /proc/net/unix → the process holding it → its
+start time, which is what `process_start_time_seconds` exports); metrics of another process are not
+shown. Where /proc can't tell (another user's agent, another network namespace) the metrics are
+shown only if they describe exactly the models the agent lists.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from agent.cli.common import socket_uri
 from agent.config import DEFAULT_METRICS_PORT, AgentConfig
 from agent.errors import ConfigError
 
@@ -118,16 +127,70 @@ def _list_models(socket: str, timeout: float) -> list[tuple[str, str, str]]:
     return [(m.model_component, pb.ModelStatus.Name(m.status), m.status_message) for m in response.models]
 
 
-def collect(socket: str, metrics_url: str, interval: float, timeout: float = 5.0) -> Summary:
-    import grpc
-
-    summary = Summary(socket, metrics_url)
-    models: dict[str, ModelRow] = {}
+def socket_owner_start_time(socket: str) -> float | None:
+    """Start time (Unix seconds, as process_start_time_seconds) of the process serving a Unix socket, from
+    /proc; None where that can't be told (not Linux, another user's process, another network namespace)."""
+    if not socket.startswith("unix:"):
+        return None
+    path = _one_slash(socket[len("unix:"):])
     try:
-        for name, state, message in _list_models(socket, timeout):
-            models[name] = ModelRow(name, state, message=message)
-    except grpc.RpcError as exc:
-        summary.notes.append(f"agent not reachable on {socket}: {exc.code().name} {exc.details() or ''}".rstrip())
+        with open("/proc/net/unix") as table:
+            rows = [line.split() for line in table.read().splitlines()[1:]]
+        # grpc binds "unix:///p" as "///p": compare with the leading slashes folded
+        inodes = {f"socket:[{row[6]}]" for row in rows if len(row) >= 8 and _one_slash(row[7]) == path}
+        if not inodes:
+            return None
+        with open("/proc/stat") as stat:
+            boot = next(float(line.split()[1]) for line in stat if line.startswith("btime "))
+        ticks = os.sysconf("SC_CLK_TCK")
+        for pid in (p for p in os.listdir("/proc") if p.isdigit()):
+            try:
+                fds = os.listdir(f"/proc/{pid}/fd")
+                if not any(os.readlink(f"/proc/{pid}/fd/{fd}") in inodes for fd in fds):
+                    continue
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                return boot + int(fields[19]) / ticks  # field 22, starttime, in clock ticks since boot
+            except OSError:
+                continue  # gone meanwhile, or not ours to look at
+    except (OSError, ValueError, StopIteration, IndexError):
+        return None
+    return None
+
+
+def _one_slash(path: str) -> str:
+    return "/" + path.lstrip("/") if path.startswith("/") else path
+
+
+def _whose(socket: str, models: dict[str, ModelRow], samples: Samples, metrics_url: str) -> str:
+    """Why these metrics are not the agent's on `socket` ("" when they are, or can't be told apart)."""
+    exported = samples.get("process_start_time_seconds")
+    owner = socket_owner_start_time(socket)
+    if owner is not None and exported:
+        if abs(exported[0][1] - owner) < 1.0:
+            return ""
+        return (f"the metrics at {metrics_url} come from another process than the agent on {socket} (started "
+                f"{time.time() - exported[0][1]:.0f}s ago vs {time.time() - owner:.0f}s ago); not shown: pass "
+                "that agent's --metrics-url")
+    listed = {labels["model"] for labels, _ in samples.get("edge_agent_model_status", [])}
+    if listed != set(models):
+        return (f"the metrics at {metrics_url} describe models {sorted(listed)}, the agent on {socket} has "
+                f"{sorted(models)}: probably another agent's; not shown: pass that agent's --metrics-url")
+    return ""
+
+
+def collect(socket: str, metrics_url: str | None, interval: float, timeout: float = 5.0,
+            no_metrics_reason: str = "") -> Summary:
+    """The summary; raises grpc.RpcError when the agent does not answer on `socket` (then nothing else is
+    worth showing). `metrics_url` None: models only, with `no_metrics_reason` as the note."""
+    summary = Summary(socket, metrics_url or "-")
+    models: dict[str, ModelRow] = {}
+    for name, state, message in _list_models(socket, timeout):
+        models[name] = ModelRow(name, state, message=message)
+    summary.rows = sorted(models.values(), key=lambda r: r.name)
+    if metrics_url is None:
+        summary.notes.append(no_metrics_reason)
+        return summary
     first = second = None
     t0 = t1 = 0.0
     try:
@@ -140,9 +203,14 @@ def collect(socket: str, metrics_url: str, interval: float, timeout: float = 5.0
         summary.notes.append(f"metrics not reachable at {metrics_url}: {reason}")
     latest = second or first
     if latest is not None:
+        foreign = _whose(socket, models, latest, metrics_url)
+        if foreign:
+            summary.notes.append(foreign)
+            summary.metrics_url = f"{metrics_url} (not this agent's)"
+            return summary
         for labels, value in latest.get("edge_agent_model_status", []):
-            row = models.setdefault(labels["model"], ModelRow(labels["model"]))
-            if value == 1 and row.state == "?":
+            row = models.get(labels["model"])
+            if row is not None and value == 1 and row.state == "?":
                 row.state = labels["status"]
         for labels, _ in latest.get("edge_agent_model_info", []):
             if labels.get("model") in models:
@@ -210,9 +278,11 @@ def render(summary: Summary) -> str:
         lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in table]
     else:
         lines.append("no models")
-    # FAILED reasons and CPU fallbacks are what a person looking at this screen needs to read in full.
+    # FAILED reasons, CPU fallbacks, failed updates and package conflicts are what a person looking at this
+    # screen needs to read in full.
     messages = [f"  {r.name}: {r.message}" for r in summary.rows
-                if r.message and (r.state == "FAILED" or "fallback" in r.message.lower())]
+                if r.message and (r.state == "FAILED" or any(w in r.message.lower()
+                                                             for w in ("fallback", "conflict", "failed")))]
     if messages:
         lines += ["", "notes:", *messages]
     if any(r.since_start and not math.isnan(r.p50) for r in summary.rows):
@@ -224,9 +294,16 @@ def render(summary: Summary) -> str:
 
 def register(subparsers: Any) -> None:
     defaults = _defaults()
-    p = subparsers.add_parser("status", help="one-screen summary: models, state, provider, request rate, latency")
-    p.add_argument("--socket", default=defaults[0], help=f"agent socket URI (default {defaults[0]})")
-    p.add_argument("--metrics-url", default=defaults[1], help=f"agent /metrics URL (default {defaults[1]})")
+    p = subparsers.add_parser(
+        "status", help="one-screen summary: models, state, provider, request rate, latency",
+        description="Models and states from the agent on --socket, rates and latency from its /metrics. Metrics "
+                    "that turn out to belong to another process are not shown.")
+    p.add_argument("--socket", type=socket_uri, default=None,
+                   help=f"the agent's socket, unix:///path or a bare /path.sock (default: $EDGE_AGENT_SOCKET, "
+                        f"else {defaults[0]})")
+    p.add_argument("--metrics-url", default=None,
+                   help=f"the agent's /metrics URL (default: the one `serve` uses with the same EDGE_AGENT_* "
+                        f"variables, {defaults[1]}; with a --socket of another agent, pass its URL)")
     p.add_argument("--interval", type=float, default=1.0,
                    help="seconds between the two scrapes that rates and recent latency come from (default 1)")
     p.set_defaults(func=run)
@@ -248,9 +325,25 @@ def _defaults() -> tuple[str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    summary = collect(args.socket, args.metrics_url, args.interval)
-    print(render(summary))
-    if any(n.startswith("agent not reachable") for n in summary.notes):
-        print("edge-agent status: the agent did not answer on its socket", file=sys.stderr)
+    import grpc
+
+    default_socket, default_url = _defaults()
+    socket = args.socket or default_socket
+    metrics_url = args.metrics_url
+    reason = ""
+    if metrics_url is None:
+        if socket == socket_uri(default_socket):
+            metrics_url = default_url  # the pair `serve` uses with this environment; checked in collect()
+        else:
+            reason = (f"metrics not shown: the agent on {socket} cannot say where its /metrics endpoint is; pass "
+                      "--metrics-url (the agent logs it at start: 'metrics at http://...')")
+    try:
+        summary = collect(socket, metrics_url, args.interval, no_metrics_reason=reason)
+    except grpc.RpcError as exc:
+        from agent.cli.models import unavailable_reason
+
+        print(f"edge-agent status: agent not reachable on {socket} ({exc.code().name}: "
+              f"{unavailable_reason(exc.details())})", file=sys.stderr)
         return 1
+    print(render(summary))
     return 0

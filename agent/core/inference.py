@@ -1,18 +1,21 @@
 """The DetectAnomalies use case, transport-neutral: request in, Detection out.
 
-Order of checks: the model must exist and be RUNNING, then the bitmap must be valid, then
-the request waits for one of the model's slots, runs, and the mask goes back inline or into
-the caller's shared-memory segment.
+Order of checks: the model must exist and be RUNNING, then the bitmap must be valid (and, from
+shared memory, readable by the agent), then a mask segment must be writable; then the request
+waits for one of the model's slots, runs, and the mask goes back inline or into the caller's
+shared-memory segment.
 """
 
 from __future__ import annotations
 
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Protocol
 
 from agent.core.frames import SharedMemory, ShmHandle, as_image, check_size
 from agent.core.lifecycle import ModelRegistry
+from agent.core.masks import MaskPolicy
 from agent.core.pipeline import Clock, Detection
 from agent.errors import InvalidInput
 
@@ -34,10 +37,15 @@ class DetectObserver(Protocol):
                   read_seconds: float, pixels: int) -> None: ...
 
 
+_FULL = MaskPolicy(inline="full")
+
+
 class InferenceService:
     def __init__(self, registry: ModelRegistry, *, clock: Clock = time.perf_counter,
-                 observer: DetectObserver | None = None, shared_memory: SharedMemory | None = None) -> None:
+                 observer: DetectObserver | None = None, shared_memory: SharedMemory | None = None,
+                 mask_policy: MaskPolicy | None = None) -> None:
         self.registry = registry
+        self.mask_policy = mask_policy or MaskPolicy()  # inline masks (settings InlineMask*); replaced live
         self.clock = clock
         self.observer = observer
         self.shm = shared_memory or SharedMemory()
@@ -52,26 +60,25 @@ class InferenceService:
         detection: Detection | None = None
         waited = read = 0.0
         try:
-            t0 = self.clock()
-            if request.shm is not None:
-                image = as_image(self.shm.region(request.shm), request.width, request.height)
-            else:
-                assert request.data is not None
-                image = as_image(request.data, request.width, request.height)
-            read = self.clock() - t0
-            mask_out = None
-            if request.mask_shm is not None:
-                # Render the mask straight into the client's segment. If it can't be mapped, go on:
-                # the write below reports the problem, and only if the model makes a mask at all.
-                try:
-                    mask_out = self.shm.mask_region(request.mask_shm, request.width * request.height * 3)
-                except InvalidInput:
-                    mask_out = None
-            with model.gate.slot(self.clock) as waited:
-                detection = model.predictor.predict(image, mask_out)
-            if request.mask_shm is not None and detection.mask is not None:  # not rendered in place
-                self.shm.write(request.mask_shm, detection.mask)
-            return detection
+            with ExitStack() as frames:
+                t0 = self.clock()
+                if request.shm is not None:  # copied into an agent-owned buffer (frames.py says why)
+                    image = frames.enter_context(self.shm.frame(request.shm, request.width, request.height))
+                else:
+                    assert request.data is not None
+                    image = as_image(request.data, request.width, request.height)
+                read = self.clock() - t0
+                mask = None
+                policy = self.mask_policy
+                if request.mask_shm is not None:  # opened and access-checked before the model runs
+                    policy = _FULL  # the caller's segment always gets the full-size mask
+                    mask_w, mask_h = model.predictor.mask_size(request.width, request.height)
+                    mask = frames.enter_context(self.shm.mask_target(request.mask_shm, mask_w * mask_h * 3))
+                with model.gate.slot(self.clock) as waited:
+                    detection = model.predictor.predict(image, None if mask is None else mask.buffer.data, policy)
+                if mask is not None and detection.has_mask:
+                    mask.commit(detection.mask)  # the rendered buffer, or a mask the model made itself
+                return detection
         finally:
             if self.observer is not None:
                 self.observer.on_detect(model.name, model.version, detection, waited, read,

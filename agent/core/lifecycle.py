@@ -83,10 +83,12 @@ class _Model:
     swapping: str = ""  # fingerprint of a package being loaded to replace the running one
     removed: bool = False
     providers: tuple[str, ...] = field(default_factory=tuple)
+    package_problem: str = ""  # what discovery says is wrong with the package source (conflict, unreadable update)
 
     def info(self) -> ModelInfo:
         version = self.package.version
-        return ModelInfo(self.package.name, self.package.arn, self.status, self.message, version, self.providers)
+        message = "; ".join(m for m in (self.message, self.package_problem) if m)
+        return ModelInfo(self.package.name, self.package.arn, self.status, message, version, self.providers)
 
 
 @dataclass(frozen=True)
@@ -287,7 +289,10 @@ class ModelRegistry:
                 model = _Model(package)
                 self._models[name] = model
                 log.info("model %s added (version %s)", name, package.version)
-                start = autostart
+                start = autostart and not package.unservable
+                if package.unservable:  # e.g. a Neo/DLR-compiled LFV model: listed, FAILED, with the reason
+                    model.status, model.message = ModelStatus.FAILED, package.unservable
+                    log.error("model %s: %s", name, package.unservable)
             else:
                 if package.fingerprint in (model.package.fingerprint, model.swapping):
                     return
@@ -301,6 +306,9 @@ class ModelRegistry:
                     model.package = package
                     self._begin_load(model)  # restart the load with the new files
                 else:
+                    if package.unservable or model.package.unservable:  # FAILED for that reason, or no more
+                        model.status = ModelStatus.FAILED if package.unservable else ModelStatus.STOPPED
+                        model.message = package.unservable
                     model.package = package
             info = model.info()
         self._notify("on_status", info)
@@ -309,6 +317,18 @@ class ModelRegistry:
                 self.start(name)
             except InvalidModelState:
                 pass
+
+    def report_package_problem(self, name: str, problem: str) -> None:
+        """What is wrong with the model's package source while the model keeps what it has (discovery: another
+        package claims the name, a newer package can't be read): appended to status_message until the
+        reporter clears it with "". Unknown names are ignored."""
+        with self._lock:
+            model = self._models.get(name)
+            if model is None or model.removed or model.package_problem == problem:
+                return
+            model.package_problem = problem
+            info = model.info()
+        self._notify("on_status", info)
 
     def remove(self, name: str) -> None:
         """Forget a model; a RUNNING one is drained and stopped first."""

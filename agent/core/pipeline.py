@@ -1,12 +1,15 @@
 """The inference pipeline of one loaded model: pre-process → runtime → post-process → result.
 
-Everything that can be decided once (input name, target size, per-channel scale/bias lookup
-tables, output names, palette) is prepared when the model starts, not per request.
+Everything that can be decided once (input name, target size, per-channel scale/bias, output names,
+palette) is prepared when the model starts, not per request. Two sets of rules turn outputs into a
+result (docs/model-package.md): the project's kinds (anomalib, anomalib_v1, classification,
+segmentation) and DDA's supervised multi-head model (semantics "dda": per-class probabilities, no
+softmax, the score summed over the classes outside class_normal_ids). Both share the verdict rule, the
+classification_logic override and the masks (agent/core/masks.py).
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -15,17 +18,22 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from agent.core.package import DEFAULT_PALETTE, ModelPackage
+from agent.core import masks
+from agent.core.masks import MaskPolicy
+from agent.core.package import ModelPackage
 from agent.errors import InferenceFailed, ModelLoadError
 from agent.runtime.base import RuntimeSession
 
 Clock = Callable[[], float]
+#: DDA's fixed ImageNet statistics (basic_preprocessor.py), float32 (3,1,1) as DDA computes with them.
+_DDA_MEAN = np.array([[[0.485]], [[0.456]], [[0.406]]], dtype=np.float32)
+_DDA_STD = np.array([[[0.229]], [[0.224]], [[0.225]]], dtype=np.float32)
 
 
 @dataclass(frozen=True)
 class Anomaly:
     name: str
-    area: float  # fraction 0..1 of the image
+    area: float  # fraction 0..1 of the (full-size) mask
     color: str  # "#RRGGBB"
 
 
@@ -36,14 +44,17 @@ class Detection:
     score: float
     threshold: float
     anomalies: list[Anomaly] = field(default_factory=list)
-    #: RGB888 mask of the input's size (height x width x 3 uint8, C-contiguous), or None for models
-    #: without a mask (and when it was rendered into the caller's buffer: see mask_in_buffer).
+    #: RGB888 mask (height x width x 3 uint8, C-contiguous) to send inline, or None: models without a mask,
+    #: masks the MaskPolicy leaves out, and masks rendered into the caller's buffer (see mask_in_buffer).
     mask: np.ndarray | None = None
+    #: Size of `mask` (or of the mask in the caller's buffer); smaller than mask_full_size when scaled to fit.
     mask_width: int = 0
     mask_height: int = 0
+    #: The mask's full size (the frame's, or the package's raw_image_shape), which the areas refer to.
+    mask_full_size: tuple[int, int] = (0, 0)
     #: Seconds per stage: preprocess, inference, postprocess.
     timings: dict[str, float] = field(default_factory=dict)
-    #: True when the mask (mask_width x mask_height RGB888) was written into Predictor.predict's mask_out.
+    #: True when the full-size mask was written into Predictor.predict's mask_out.
     mask_in_buffer: bool = False
 
     @property
@@ -52,35 +63,33 @@ class Detection:
 
 
 def decide(score: float, threshold: float) -> tuple[bool, float]:
-    """LFV's rule: anomalous when round(score, 4) >= round(threshold, 4); confidence is the chosen side's."""
-    score = min(max(score, 0.0), 1.0)
+    """LFV's / DDA's rule: anomalous when round(score, 4) >= round(threshold, 4); confidence is the chosen
+    side's, on the score clipped to 0..1 (utils/__init__.py of DDA's lyra_science_processing_utils)."""
     anomalous = round(score, 4) >= round(threshold, 4)
-    return anomalous, score if anomalous else 1.0 - score
+    return anomalous, confidence(score, anomalous)
+
+
+def confidence(score: float, anomalous: bool) -> float:
+    clipped = min(max(score, 0.0), 1.0)
+    return clipped if anomalous else 1.0 - clipped
+
+
+def override(anomalous: bool, present: set[int], logic: str, seg_normal_ids: tuple[int, ...]) -> bool:
+    """DDA's _overide_class_label: the verdict combined with the mask's (normal iff every class present in
+    the resized mask is in seg_normal_ids)."""
+    if logic == "cls_head":
+        return anomalous
+    seg_anomalous = not present <= set(seg_normal_ids)
+    if logic == "seg_head":
+        return seg_anomalous
+    if logic == "cls_and_seg":
+        return anomalous and seg_anomalous
+    return anomalous or seg_anomalous  # cls_or_seg (the package reader admits nothing else)
 
 
 def _softmax(x: np.ndarray, axis: int) -> np.ndarray:
     e = np.exp(x - x.max(axis=axis, keepdims=True))
     return e / e.sum(axis=axis, keepdims=True)
-
-
-@functools.lru_cache(maxsize=64)
-def _nearest_runs(src: int, dst: int) -> tuple[int, ...]:
-    """How many of `dst` target pixels each of `src` source pixels becomes under PIL's NEAREST resize
-    (taken from PIL itself, so masks stay pixel-identical to Image.resize(..., NEAREST))."""
-    ramp = Image.fromarray(np.arange(src, dtype=np.int32).reshape(1, src), "I")
-    index = np.asarray(ramp.resize((dst, 1), Image.Resampling.NEAREST)).reshape(-1)
-    runs = np.bincount(index, minlength=src)
-    if np.any(np.diff(index) < 0):
-        raise AssertionError("nearest-neighbour index map is not monotonic")
-    return tuple(int(r) for r in runs)
-
-
-@functools.lru_cache(maxsize=64)
-def _nearest_index(src: int, dst: int) -> np.ndarray:
-    """The source index of each target pixel under PIL's NEAREST resize."""
-    index = np.repeat(np.arange(src, dtype=np.intp), _nearest_runs(src, dst))
-    index.setflags(write=False)
-    return index
 
 
 class Predictor:
@@ -99,19 +108,21 @@ class Predictor:
         self.input_name = spec.name
         self.input_dtype = np.float16 if spec.dtype == "tensor(float16)" else np.float32
         self.size = (package.image_width, package.image_height)
+        self._dda = package.semantics == "dda"
+        self._resampler = package.resampler
         # /255 and mean/std fused into one multiply-add per channel in float32 over the whole CHW
         # tensor (a per-channel lookup-table gather with np.take measured 2-3x slower).
         self._scale, self._bias = self._affine(package)
         self._outputs = self._output_names(package, [o.name for o in session.outputs])
         self._names = list(self._outputs.values())
-        colors = list(package.colors) or list(DEFAULT_PALETTE)
+        self._colors = masks.palette(list(package.colors))
+        self._palette_rgb = masks.palette_rgb(self._colors)
         n = max(len(package.class_names), 2)
-        colors += [DEFAULT_PALETTE[(i % (len(DEFAULT_PALETTE) - 1)) + 1] for i in range(len(colors), 256)]
-        self._colors = [c.upper() for c in colors[:256]]
-        self._palette_rgb = np.array([[int(c[i:i + 2], 16) for i in (1, 3, 5)] for c in self._colors],
-                                     dtype=np.uint8)
         self._class_names = list(package.class_names) + [f"class_{i}" for i in range(len(package.class_names), n)]
         self._normal = np.array(sorted(set(package.normal_ids)), dtype=np.int64)
+        self._class_normal = np.array(sorted(set(package.class_normal_ids)), dtype=np.int64)
+        # DDA lists classes (and sends a mask) only when pixel_level_classes.names is not empty.
+        self._lists_classes = bool(package.class_names) or not self._dda
 
     # -- set-up ------------------------------------------------------------------------------
     @staticmethod
@@ -124,6 +135,13 @@ class Predictor:
 
     @staticmethod
     def _output_names(package: ModelPackage, available: list[str]) -> dict[str, str]:
+        if package.semantics == "dda":
+            # DDA's runners return the outputs in graph order: [seg, cls] with both heads (seg first).
+            heads = ["seg", "cls"] if package.cls_head and package.seg_head else ["seg" if package.seg_head else "cls"]
+            if len(available) < len(heads):
+                raise ModelLoadError(f"the manifest enables {' and '.join(heads)} heads but the model has "
+                                     f"{len(available)} output(s) {available}")
+            return {role: available[i] for i, role in enumerate(heads)}
         roles = dict(package.outputs)
         if not roles:
             if package.kind == "anomalib":
@@ -146,13 +164,38 @@ class Predictor:
             del roles["anomaly_map"]  # pred_mask already is the thresholded map: don't fetch both
         return roles
 
+    def mask_size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) of the full-size mask for a frame: the package's raw_image_shape (DDA resizes its
+        masks to it), else the frame's size."""
+        raw = self.package.raw_image_shape
+        return (raw[1], raw[0]) if raw is not None else (width, height)
+
     # -- per request ---------------------------------------------------------------------------
+    def _resize(self, image: np.ndarray) -> np.ndarray:
+        width, height = self.size
+        if image.shape[1] == width and image.shape[0] == height:
+            return image
+        if self._resampler == "cv2":
+            import cv2
+
+            # cv2.resize as DDA calls it (dsize = (width, height)), on the uint8 RGB frame.
+            src = image if image.flags.c_contiguous else np.ascontiguousarray(image)
+            return np.asarray(cv2.resize(src, (width, height), interpolation=int(self.package.interpolation)))
+        pil = Image.fromarray(image if image.flags.c_contiguous else np.ascontiguousarray(image), "RGB")
+        # reducing_gap: integer-factor box reduction first, so large frames resize fast.
+        return np.asarray(pil.resize((width, height), Image.Resampling.BILINEAR, reducing_gap=3.0))
+
     def preprocess(self, image: np.ndarray) -> np.ndarray:
         width, height = self.size
-        if image.shape[1] != width or image.shape[0] != height:
-            pil = Image.fromarray(image if image.flags.c_contiguous else np.ascontiguousarray(image), "RGB")
-            # reducing_gap: integer-factor box reduction first, so large frames resize fast.
-            image = np.asarray(pil.resize((width, height), Image.Resampling.BILINEAR, reducing_gap=3.0))
+        image = self._resize(image)
+        if self._dda:
+            # DDA's BasicPreProcessor arithmetic, step by step, so scores match it to the last bit.
+            tensor = np.expand_dims(image, axis=0).transpose((0, 3, 1, 2)).astype(np.float32)
+            if self.package.range_scale:
+                tensor /= 255.0
+            if self.package.mean is not None:
+                tensor = (tensor - _DDA_MEAN) / _DDA_STD
+            return tensor if self.input_dtype == np.float32 else tensor.astype(self.input_dtype)
         tensor = np.empty((1, 3, height, width), dtype=np.float32)
         chw = tensor[0]
         np.copyto(chw, image.transpose(2, 0, 1), casting="unsafe")  # uint8 HWC -> float32 CHW, one pass
@@ -160,12 +203,13 @@ class Predictor:
         chw += self._bias
         return tensor if self.input_dtype == np.float32 else tensor.astype(self.input_dtype)
 
-    def predict(self, image: np.ndarray, mask_out: memoryview | None = None) -> Detection:
+    def predict(self, image: np.ndarray, mask_out: memoryview | None = None,
+                policy: MaskPolicy | None = None) -> Detection:
         """image: HxWx3 uint8 RGB (any strides). Raises InferenceFailed when the runtime fails.
 
-        mask_out: a writable buffer of at least H*W*3 bytes (e.g. the client's shared-memory mask
-        segment): the mask is rendered straight into it instead of a new array (`Detection.mask` stays
-        None, `mask_in_buffer` is True)."""
+        mask_out: a writable buffer of at least mask_size()'s W*H*3 bytes (e.g. the client's shared-memory
+        mask segment): the full-size mask is rendered straight into it (`Detection.mask` stays None,
+        `mask_in_buffer` is True). Otherwise `policy` (default: MaskPolicy()) decides the inline mask."""
         t0 = self.clock()
         tensor = self.preprocess(image)
         t1 = self.clock()
@@ -175,9 +219,11 @@ class Predictor:
             raise InferenceFailed(f"inference failed: {str(exc).strip().splitlines()[0] if str(exc) else exc!r}") \
                 from exc
         t2 = self.clock()
-        outputs = dict(zip(self._outputs.keys(), values, strict=True))
+        if len(values) != len(self._outputs):
+            raise InferenceFailed(f"the runtime returned {len(values)} outputs for {len(self._outputs)} requested")
+        outputs = {role: values[i] for i, role in enumerate(self._outputs)}
         try:
-            detection = self.postprocess(outputs, image.shape[1], image.shape[0], mask_out)
+            detection = self.postprocess(outputs, image.shape[1], image.shape[0], mask_out, policy)
         except (ValueError, IndexError) as exc:
             raise InferenceFailed(f"model output does not fit a {self.package.kind} model: {exc}") from exc
         t3 = self.clock()
@@ -185,9 +231,28 @@ class Predictor:
         return detection
 
     def postprocess(self, out: Mapping[str, np.ndarray], width: int, height: int,
-                    mask_out: memoryview | None = None) -> Detection:
+                    mask_out: memoryview | None = None, policy: MaskPolicy | None = None) -> Detection:
+        score, class_mask = self._dda_outputs(out) if self._dda else self._outputs_by_kind(out)
+        if not math.isfinite(score):
+            raise ValueError(f"score is {score}")
+        package = self.package
+        full_w, full_h = self.mask_size(width, height)
+        counts = None
+        if class_mask is not None:
+            counts = masks.class_counts(class_mask, full_w, full_h, self._resampler)
+        anomalous = round(score, 4) >= round(package.threshold, 4)
+        # DDA overrides the verdict with the mask only for a score <= 1 and when both keys are given.
+        if counts is not None and score <= 1.0 and package.classification_logic and package.seg_normal_ids is not None:
+            present = {int(i) for i in np.flatnonzero(counts)}
+            anomalous = override(anomalous, present, package.classification_logic, package.seg_normal_ids)
+        detection = Detection(anomalous, confidence(score, anomalous), min(max(score, 0.0), 1.0), package.threshold)
+        if class_mask is not None and counts is not None and self._lists_classes:
+            self._mask_out(detection, class_mask, counts, full_w, full_h, mask_out, policy or MaskPolicy())
+        return detection
+
+    def _outputs_by_kind(self, out: Mapping[str, np.ndarray]) -> tuple[float, np.ndarray | None]:
+        """The project's kinds (docs/model-package.md, "Kinds")."""
         kind = self.package.kind
-        threshold = self.package.threshold
         class_mask: np.ndarray | None = None
         if kind == "anomalib":
             if "mask" in out:
@@ -203,18 +268,47 @@ class Predictor:
             score, class_mask = self._normalise_v1(np.asarray(out["anomaly_map"], dtype=np.float32))
         elif kind == "segmentation":
             logits = np.asarray(out["logits"], dtype=np.float32)[0]  # [C,h,w]
-            class_mask = logits.argmax(axis=0).astype(np.uint8)
-            probs = _softmax(logits, axis=0)
-            score = float((1.0 - probs[self._normal].sum(axis=0)).max())
+            class_mask = _class_ids(logits.argmax(axis=0))
+            if "class_scores" in out:  # a classification head scores the image
+                score = self._class_score(np.asarray(out["class_scores"], dtype=np.float32).reshape(-1))
+            else:
+                probs = _softmax(logits, axis=0)
+                score = float((1.0 - probs[self._normal].sum(axis=0)).max())
         else:
             score = self._class_score(np.asarray(out["score"], dtype=np.float32).reshape(-1))
-        if not math.isfinite(score):
-            raise ValueError(f"score is {score}")
-        anomalous, confidence = decide(score, threshold)
-        detection = Detection(anomalous, confidence, min(max(score, 0.0), 1.0), threshold)
-        if class_mask is not None:
-            self._render_mask(detection, class_mask, width, height, mask_out)
-        return detection
+        return score, class_mask
+
+    def _dda_outputs(self, out: Mapping[str, np.ndarray]) -> tuple[float, np.ndarray | None]:
+        """DDA's SupervisedMultiHeadPostProcessor: no softmax (the graph outputs probabilities); the score is
+        the classification head's probability mass outside class_normal_ids (optionally calibrated), or,
+        for a segmentation-only model, the mean of the whole segmentation tensor (DDA's rule: 1/C for a
+        softmax output, so such models decide through classification_logic)."""
+        package = self.package
+        score = None
+        if "cls" in out:
+            pred = np.asarray(out["cls"])
+            pred = pred.reshape(1, -1) if pred.ndim != 2 else pred
+            anomaly_ids = [c for c in range(pred.shape[1]) if c not in package.class_normal_ids]
+            score = float(np.sum(np.take(pred, anomaly_ids, axis=1), axis=1)[0])
+            if package.calibration is not None:
+                score = _calibrate(score, package)
+        class_mask = None
+        if "seg" in out:
+            seg = np.asarray(out["seg"])
+            if seg.ndim != 4:
+                raise ValueError(f"the segmentation output has shape {list(seg.shape)}, not [1,C,H,W]")
+            if score is None:
+                score = float(np.mean(seg))
+            if package.seg_recall_bias is not None:
+                seg = np.array(seg, copy=True)
+                normal = set(package.seg_normal_ids or ())
+                for i in range(seg.shape[1]):
+                    if i not in normal:
+                        seg[0][i][:, :] += package.seg_recall_bias
+            class_mask = _class_ids(np.argmax(seg.squeeze(0), axis=0))
+        if score is None:
+            raise ValueError("no classification or segmentation output")
+        return score, class_mask
 
     def _normalise_v1(self, amap: np.ndarray) -> tuple[float, np.ndarray | None]:
         """anomalib 1.x: min-max normalise around the thresholds (as its inferencers did) so 0.5 = threshold."""
@@ -234,54 +328,49 @@ class Predictor:
             v = float(values[0])
             return 1.0 / (1.0 + math.exp(-v)) if activation == "sigmoid" else v
         probs = _softmax(values, axis=0) if activation == "softmax" else values
-        return float(1.0 - probs[self._normal[self._normal < probs.size]].sum())
+        return float(1.0 - probs[self._class_normal[self._class_normal < probs.size]].sum())
 
-    def _render_mask(self, detection: Detection, class_mask: np.ndarray, width: int, height: int,
-                     mask_out: memoryview | None = None) -> None:
-        """Nearest-neighbour upscale of the class mask to the input size, as palette RGB888.
-
-        Nearest upscaling maps each source row (column) to a run of consecutive target rows (columns).
-        So: colour the small mask, widen it column run by column run (h x W), then fill each run of
-        target rows with one broadcast copy of its source row. Areas come from the small mask weighted
-        by run lengths (exact). This is ~10-50x cheaper than resizing a full-size PIL image, converting
-        P -> RGB (4 bytes a pixel) and serialising it, and writes the frame-size mask exactly once.
-        """
-        h, w = class_mask.shape
-        row_runs = _nearest_runs(h, height)
-        col_runs = _nearest_runs(w, width)
-        counts = np.bincount(class_mask.reshape(-1), weights=np.outer(row_runs, col_runs).reshape(-1),
-                             minlength=256)
+    def _mask_out(self, detection: Detection, class_mask: np.ndarray, counts: np.ndarray, width: int, height: int,
+                  mask_out: memoryview | None, policy: MaskPolicy) -> None:
+        """Areas (at full size) and the mask: full size into mask_out, or inline at the policy's size."""
         total = float(width * height)
+        # DDA lists every class present; the project's own kinds always list the background first.
+        listed = [i for i in range(256) if counts[i] or (i == 0 and not self._dda)]
         detection.anomalies = [
             Anomaly(self._class_names[i] if i < len(self._class_names) else f"class_{i}", float(counts[i]) / total,
                     self._colors[i])
-            for i in range(256) if i == 0 or counts[i]
+            for i in listed
         ]
-        if width != w:  # widen the 1-byte class ids first, then colour: h x width x 3
-            class_mask = np.take(class_mask, _nearest_index(w, width), axis=1)
-        wide = np.take(self._palette_rgb, class_mask, axis=0)
-        nbytes = width * height * 3
+        detection.mask_full_size = (width, height)
         if mask_out is not None:
-            full = np.frombuffer(mask_out, dtype=np.uint8, count=nbytes).reshape(height, width, 3)
-        else:
-            full = np.empty((height, width, 3), dtype=np.uint8)
-        if height == h:
-            full[:] = wide
-        else:
-            start = 0
-            for r, run in enumerate(row_runs):
-                if run:
-                    full[start:start + run] = wide[r]
-                    start += run
-        if mask_out is not None:
-            del full  # release the caller's buffer
+            masks.render(class_mask, width, height, self._palette_rgb, self._resampler, mask_out)
             detection.mask_in_buffer = True
-        else:
-            detection.mask = full
-        detection.mask_width, detection.mask_height = width, height
+            detection.mask_width, detection.mask_height = width, height
+            return
+        size = policy.inline_size(width, height, detection.is_anomalous, [a.name for a in detection.anomalies])
+        if size is None:
+            return
+        detection.mask = masks.render(class_mask, size[0], size[1], self._palette_rgb, self._resampler)
+        detection.mask_width, detection.mask_height = size
 
     def warmup(self, runs: int, rng: np.random.Generator) -> None:
         """A few runs on random frames so the first client request doesn't pay for lazy initialisation."""
-        width, height = self.size
+        width, height = self.mask_size(*self.size) if self._dda else self.size
         for _ in range(runs):
             self.predict(rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8))
+
+
+def _class_ids(argmax: np.ndarray) -> np.ndarray:
+    """An argmax class map as uint8 class ids (masks and palettes have 256 entries)."""
+    if argmax.size and int(argmax.max()) > 255:
+        raise ValueError("more than 256 classes")
+    return argmax.astype(np.uint8)
+
+
+def _calibrate(score: float, package: ModelPackage) -> float:
+    """DDA's SKLearnScoreCalibration (sklearn sigmoid calibration): 1 / (1 + exp(a*s + b))."""
+    cal = package.calibration
+    assert cal is not None
+    s = score / cal.max_val_score if cal.max_val_score > 1 else score
+    z = cal.scaling * s + cal.shift
+    return 0.0 if z > 700 else 1.0 / (1.0 + math.exp(z))

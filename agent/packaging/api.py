@@ -38,6 +38,7 @@ from agent.packaging.jobs import (
     new_job_name,
     owner_id,
     recover,
+    sweep_scratch,
 )
 from agent.packaging.output import AwsOutput, LocalOutput
 from agent.packaging.recipe import AGENT_COMPONENT, AGENT_VERSION_REQUIREMENT, DEFAULT_PUBLISHER
@@ -168,6 +169,7 @@ class Client:
         self._executor = self._make_executor(executor, env)
         if recover_jobs:
             self.recover()
+            sweep_scratch(self.registry)  # scratch files of jobs killed before they could clean up
 
     # -- plumbing --------------------------------------------------------------------------------
 
@@ -382,15 +384,19 @@ class Client:
             response["NextToken"] = _encode_token(next_seq, ProjectName)
         return response
 
-    def wait_for_job(self, ProjectName: str, JobName: str, timeout: float = 300.0,  # noqa: N803
+    def wait_for_job(self, ProjectName: str, JobName: str, timeout: float | None = 300.0,  # noqa: N803
                      poll_s: float = 0.1) -> dict[str, Any]:
-        """Describe until SUCCEEDED/FAILED (a waiter, like boto3's); raises TimeoutError."""
-        deadline = time.monotonic() + timeout
+        """Describe until SUCCEEDED/FAILED (a waiter, like boto3's); raises TimeoutError.
+
+        timeout None waits as long as the job's owner lives: describe marks a job whose owner died
+        FAILED, so this ends unless a live process keeps running the job.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             desc = self.describe_model_packaging_job(ProjectName=ProjectName, JobName=JobName)
             if desc["ModelPackagingDescription"]["Status"] in ("SUCCEEDED", "FAILED"):
                 return desc
-            if time.monotonic() >= deadline:
+            if deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError(f"job {JobName} is still {desc['ModelPackagingDescription']['Status']} after "
                                    f"{timeout:g} s")
             time.sleep(poll_s)

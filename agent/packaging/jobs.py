@@ -6,7 +6,10 @@ CLI hands them to a detached worker process (``python -m agent.packaging.worker`
 returns at once. A running owner refreshes the job's heartbeat. Any Client that opens the
 registry recovers jobs whose owner is gone: a RUNNING one becomes FAILED ("interrupted"), a
 CREATED one (its creator exited before a worker claimed it) is run again. So no job stays
-RUNNING after a crash.
+RUNNING after a crash: an owner is alive only while /proc shows its pid, with the same start time,
+in a state other than zombie (a killed worker nobody reaps is dead). A job's scratch folder
+(work/<project>/<job>) goes when the job ends or is marked FAILED, and at start-up for any folder
+no active job owns.
 """
 
 from __future__ import annotations
@@ -41,21 +44,53 @@ OutputFactory = Callable[[JobRecord], Output]
 # Owners and liveness
 
 
-def _start_ticks(pid: int) -> str:
-    """The process start time from /proc (guards against pid reuse); "" where /proc is missing."""
+def _proc_stat(pid: int) -> tuple[str, str] | None:
+    """(state, start time in clock ticks) from /proc/<pid>/stat; None if there is no such process."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
-        return ""
-    return stat.rsplit(")", 1)[1].split()[19]  # field 22: starttime, counted after the comm field
+        return None
+    # The command name (field 2) may hold spaces and ')': the fields after its last ')' are fixed.
+    fields = stat.rsplit(")", 1)[1].split()
+    return fields[0], fields[19]  # field 3: state; field 22: starttime
+
+
+def _start_ticks(pid: int) -> str:
+    """The process start time from /proc (guards against pid reuse); "" where /proc is missing."""
+    stat = _proc_stat(pid)
+    return stat[1] if stat else ""
 
 
 def owner_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{_start_ticks(os.getpid())}"
 
 
+def process_alive(pid: int, start_ticks: str = "") -> bool:
+    """Is pid a running process (and the same one, when its start time is known)?
+
+    A zombie (state Z: exited, not yet reaped by its parent) or a dead task (X) is dead: a killed
+    job worker whose parent never waits for it must not keep its job RUNNING. A pid reused by a
+    process with another start time is dead too. Without /proc, os.kill(pid, 0) is all there is.
+    """
+    if pid <= 0:
+        return False
+    stat = _proc_stat(pid)
+    if stat is not None:
+        state, ticks = stat
+        return state not in ("Z", "X", "x") and (not start_ticks or ticks == start_ticks)
+    if Path("/proc/self/stat").exists():
+        return False  # /proc works here and has no such pid
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def owner_alive(owner: str | None, heartbeat: float | None, now: float, stale_after_s: float) -> bool:
-    """Is the process named by owner still running? Other hosts: judged by the heartbeat."""
+    """Is the process named by owner (host:pid:start ticks) still running? Other hosts: by the heartbeat."""
     if not owner:
         return False
     host, _, rest = owner.partition(":")
@@ -66,19 +101,22 @@ def owner_alive(owner: str | None, heartbeat: float | None, now: float, stale_af
         pid = int(pid_text)
     except ValueError:
         return False
-    if ticks:
-        return _start_ticks(pid) == ticks
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return process_alive(pid, ticks)
+
+
+def scratch_dir(registry: Registry, project: str, name: str) -> Path:
+    """Where a job builds its package (work/<project>/<job>): removed when the job ends, however it ends."""
+    return registry.home / "work" / project / name
+
+
+def remove_scratch(registry: Registry, project: str, name: str) -> None:
+    # The project folder stays: removing it could race with another job of the project creating its own.
+    shutil.rmtree(scratch_dir(registry, project, name), ignore_errors=True)
 
 
 def recover(registry: Registry, *, stale_after_s: float) -> list[JobRecord]:
-    """Fail RUNNING jobs whose owner is gone; return CREATED jobs whose creator is gone (to re-run)."""
+    """Fail RUNNING jobs whose owner is gone (removing their scratch files); return CREATED jobs
+    whose creator is gone (to re-run)."""
     orphans: list[JobRecord] = []
     now = registry.clock()
     for job in registry.active_jobs():
@@ -86,12 +124,40 @@ def recover(registry: Registry, *, stale_after_s: float) -> list[JobRecord]:
             continue
         if job.status == "RUNNING":
             if registry.fail_job(job.project, job.name,
-                                 f"interrupted: the process running this job ({job.owner}) exited before it "
-                                 "finished; start a new job", only_owner=job.owner):
+                                 f"interrupted: the process running this job ({job.owner}) ended before the job "
+                                 "finished (killed or crashed); start a new job", only_owner=job.owner):
                 log.warning("packaging job %s/%s was interrupted by a crash; marked FAILED", job.project, job.name)
+                remove_scratch(registry, job.project, job.name)
         else:
             orphans.append(job)
     return orphans
+
+
+def sweep_scratch(registry: Registry) -> list[Path]:
+    """Remove scratch folders no active job owns (left by a crash before this version cleaned up,
+    or by a job marked FAILED elsewhere); returns what was removed.
+
+    The folders are listed *before* the active jobs are read: a job claimed in between has its
+    folder missing from the list (never removed), and one listed but absent from the active set
+    had already ended (a job's folder is made only after its claim).
+    """
+    root = registry.home / "work"
+    found: list[Path] = []
+    try:
+        for project_dir in root.iterdir():
+            if project_dir.is_dir():
+                found.extend(j for j in project_dir.iterdir() if j.is_dir())
+    except OSError:
+        pass
+    if not found:
+        return []
+    active = {(j.project, j.name) for j in registry.active_jobs()}
+    removed = []
+    for job_dir in found:
+        if (job_dir.parent.name, job_dir.name) not in active:
+            remove_scratch(registry, job_dir.parent.name, job_dir.name)
+            removed.append(job_dir)
+    return removed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,7 +219,7 @@ def run_job(registry: Registry, project: str, name: str, *, expected_owner: str 
     me = owner or owner_id()
     if not registry.claim_job(project, name, me, expected_owner=expected_owner):
         return False
-    work = registry.home / "work" / project / name
+    work = scratch_dir(registry, project, name)
     try:
         with _Heartbeat(lambda: registry.update_job(project, name, me, heartbeat_only=True), heartbeat_s):
             arn, mode = _package(registry, registry.get_job(project, name), work, me, output_factory)
@@ -169,7 +235,7 @@ def run_job(registry: Registry, project: str, name: str, *, expected_owner: str 
         log.exception("packaging job %s/%s failed", project, name)
         registry.fail_job(project, name, _describe(exc), only_owner=me)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        remove_scratch(registry, project, name)
     return True
 
 

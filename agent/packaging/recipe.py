@@ -30,8 +30,12 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from agent import __version__
+from agent.packaging.versions import compatible_requirement
+
 AGENT_COMPONENT = "com.edgeagent.EdgeAgent"
-AGENT_VERSION_REQUIREMENT = ">=0.1.0 <1.0.0"
+# Derived from the agent's version (the one constant), so the agent built by default satisfies it.
+AGENT_VERSION_REQUIREMENT = compatible_requirement(__version__)
 ARTIFACT_SUFFIX = "greengrass_model_component.zip"
 RECIPE_FORMAT_VERSION = "2020-01-25"
 DEFAULT_PUBLISHER = "edge-agent"

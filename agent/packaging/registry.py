@@ -31,27 +31,38 @@ from agent.packaging.errors import (
     ValidationException,
 )
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS projects (
-    name TEXT PRIMARY KEY, arn TEXT NOT NULL, created REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS models (
+# Version 0: the tables as the first release created them (without a user_version). Kept verbatim:
+# a fresh database is made by the same steps an old one is migrated by, so the two cannot differ.
+BASELINE = (
+    """CREATE TABLE IF NOT EXISTS projects (
+    name TEXT PRIMARY KEY, arn TEXT NOT NULL, created REAL NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS models (
     project TEXT NOT NULL, version INTEGER NOT NULL, arn TEXT NOT NULL, status TEXT NOT NULL,
     status_message TEXT NOT NULL, description TEXT NOT NULL, kind TEXT NOT NULL, source TEXT NOT NULL,
-    created REAL NOT NULL, PRIMARY KEY (project, version));
-CREATE TABLE IF NOT EXISTS jobs (
+    created REAL NOT NULL, PRIMARY KEY (project, version))""",
+    """CREATE TABLE IF NOT EXISTS jobs (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     project TEXT NOT NULL, name TEXT NOT NULL, model_version TEXT NOT NULL,
     configuration TEXT NOT NULL, description TEXT, status TEXT NOT NULL, status_message TEXT NOT NULL,
     component_name TEXT NOT NULL, component_version TEXT NOT NULL, component_arn TEXT,
     settings TEXT NOT NULL, owner TEXT, heartbeat REAL, created REAL NOT NULL, updated REAL NOT NULL,
-    UNIQUE (project, name));
-CREATE TABLE IF NOT EXISTS tokens (
+    UNIQUE (project, name))""",
+    """CREATE TABLE IF NOT EXISTS tokens (
     operation TEXT NOT NULL, token TEXT NOT NULL, request_hash TEXT NOT NULL, result TEXT NOT NULL,
-    created REAL NOT NULL, PRIMARY KEY (operation, token));
-CREATE TABLE IF NOT EXISTS components (
+    created REAL NOT NULL, PRIMARY KEY (operation, token))""",
+    """CREATE TABLE IF NOT EXISTS components (
     name TEXT NOT NULL, version TEXT NOT NULL, arn TEXT NOT NULL, project TEXT NOT NULL, job TEXT NOT NULL,
-    tags TEXT NOT NULL, created REAL NOT NULL, PRIMARY KEY (name, version));
-"""
+    tags TEXT NOT NULL, created REAL NOT NULL, PRIMARY KEY (name, version))""",
+)
+
+# MIGRATIONS[n] takes a version-n database to version n+1 (PRAGMA user_version). Append only: a
+# released step never changes, and each runs in the same transaction as the version bump.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    # 0 -> 1: indexes for the queries every call makes (liveness checks, component conflicts).
+    ("CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status)",
+     "CREATE INDEX IF NOT EXISTS jobs_by_component ON jobs (component_name, component_version)"),
+)
+SCHEMA_VERSION = len(MIGRATIONS)
 
 ACTIVE = ("CREATED", "RUNNING")
 
@@ -117,15 +128,57 @@ class Registry:
         self.account = account
         self.busy_timeout_s = busy_timeout_s
         try:
+            if self.home.exists() and not self.home.is_dir():
+                raise NotADirectoryError(20, "it is not a directory")
             self.home.mkdir(parents=True, exist_ok=True)
-            with self._connect() as db:
+            os.listdir(self.home)  # an unreadable home fails here, with its real reason
+        except OSError as exc:
+            raise AccessDeniedException(f"the registry directory {self.home} can't be used: "
+                                        f"{exc.strerror or exc}") from None
+        try:
+            db = self._connect()
+            try:
                 db.execute("PRAGMA journal_mode=WAL")
-                db.executescript(SCHEMA)
-        except PermissionError as exc:
-            raise AccessDeniedException(f"the registry directory {self.home} is not writable: {exc.strerror}") \
-                from None
-        except sqlite3.OperationalError as exc:
+                self._migrate(db)
+            finally:
+                db.close()
+        except sqlite3.Error as exc:
             raise self._translate(exc) from None
+
+    def _migrate(self, db: sqlite3.Connection) -> None:
+        """Bring the database to SCHEMA_VERSION in place; refuse one written by a newer edge-agent.
+
+        BEGIN IMMEDIATE and a re-read of user_version inside it: two processes opening an old
+        database at once migrate it once.
+        """
+        if self._schema_version(db) == SCHEMA_VERSION:
+            return
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            version = self._schema_version(db)
+            if version == 0:
+                for statement in BASELINE:  # today's tables, if this is a new database
+                    db.execute(statement)
+            for step in range(version, SCHEMA_VERSION):
+                for statement in MIGRATIONS[step]:
+                    db.execute(statement)
+            if version < SCHEMA_VERSION:
+                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            db.execute("COMMIT")
+        except BaseException:
+            _rollback(db)
+            raise
+
+    def _schema_version(self, db: sqlite3.Connection) -> int:
+        version = int(db.execute("PRAGMA user_version").fetchone()[0])
+        if version > SCHEMA_VERSION:
+            from agent import __version__
+
+            raise InternalServerException(
+                f"the registry {self.db_path} has schema version {version}, written by a newer edge-agent; this "
+                f"edge-agent ({__version__}) knows versions up to {SCHEMA_VERSION}: use the newer edge-agent, or "
+                "another EDGE_AGENT_HOME")
+        return version
 
     @property
     def db_path(self) -> Path:
@@ -143,6 +196,10 @@ class Registry:
                                        f"than {self.busy_timeout_s:g} s); retry")
         if "readonly" in text or "unable to open" in text:
             return AccessDeniedException(f"the registry {self.db_path} cannot be written: {text}")
+        if "not a database" in text or "malformed" in text or "corrupt" in text:
+            return InternalServerException(
+                f"the registry {self.db_path} is damaged ({text}); restore it from a backup, or move it away "
+                "to start an empty registry")
         return InternalServerException(f"registry error: {text}")
 
     @contextmanager

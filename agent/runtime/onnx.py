@@ -4,11 +4,20 @@ onnxruntime-gpu quietly runs on the CPU when CUDA/TensorRT libraries are missing
 (microsoft/onnxruntime#17801, #23372). After creating a session we compare the providers it really
 uses with those requested, say so in the model's status message, and with RequireAccelerator fail
 the load instead.
+
+onnxruntime-gpu also lists CUDA and TensorRT as "available" on a machine without them, and asking for
+them then prints red "Failed to load library libcublas..." / "EP Error" lines on every load. So once
+per runtime the GPU providers' own libraries (and the CUDA driver) are loaded with ctypes, exactly as
+ONNX Runtime would load them; a provider that cannot be loaded is not requested, and one log line
+says which providers are used and why the others were skipped.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +33,10 @@ log = logging.getLogger(__name__)
 
 ORT_NAMES = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
 ACCELERATORS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+#: The shared library ONNX Runtime dlopens for each GPU provider (in onnxruntime/capi), and the CUDA driver.
+PROVIDER_LIBRARIES = {"TensorrtExecutionProvider": "libonnxruntime_providers_tensorrt.so",
+                      "CUDAExecutionProvider": "libonnxruntime_providers_cuda.so"}
+CUDA_DRIVER = "libcuda.so.1"
 _OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
                "all": "ORT_ENABLE_ALL"}
 
@@ -64,21 +77,48 @@ class OnnxRuntime:
 
     def __init__(self, options: OnnxRuntimeOptions) -> None:
         self.options = options
+        self._unloadable: dict[str, str] | None = None  # GPU provider → why it can't load here (probed once)
+        self._probe_lock = threading.Lock()
+
+    def unloadable_providers(self) -> dict[str, str]:
+        """GPU providers this ONNX Runtime build lists but this machine cannot load, with the reason."""
+        with self._probe_lock:
+            if self._unloadable is None:
+                import onnxruntime as ort
+
+                self._unloadable = probe_gpu_providers(ort.get_available_providers(),
+                                                       Path(os.path.dirname(ort.__file__)) / "capi")
+                usable = [p for p in ort.get_available_providers() if p not in self._unloadable]
+                by_reason: dict[str, list[str]] = {}
+                for provider, why in self._unloadable.items():
+                    by_reason.setdefault(why, []).append(provider)
+                skipped = "".join(f"; {', '.join(names)} never requested: {why}" for why, names in by_reason.items())
+                log.info("ONNX Runtime execution providers usable on this machine: %s%s", ", ".join(usable), skipped)
+            return self._unloadable
 
     def requested_providers(self, package: ModelPackage) -> list[str]:
-        """Provider names to ask for, best first: config, else the package's choice, else all available."""
+        """Provider names to ask for, best first: config, else the package's choice, else all available;
+        never a GPU provider whose libraries cannot be loaded here (see unloadable_providers)."""
         import onnxruntime as ort
 
         available = ort.get_available_providers()
+        unloadable = self.unloadable_providers()
         wanted = self.options.providers
         if wanted == ("auto",):
             wanted = package.execution.providers or ("tensorrt", "cuda", "cpu")
             names = [ORT_NAMES[p] for p in wanted if p in ORT_NAMES and ORT_NAMES[p] in available]
         else:
             names = [ORT_NAMES[p] for p in wanted]
+        names = [n for n in names if n not in unloadable]
         if "CPUExecutionProvider" not in names and not self.options.require_accelerator:
             names.append("CPUExecutionProvider")
         return names
+
+    def _wanted(self, package: ModelPackage) -> list[str]:
+        """What the configuration asks for explicitly (not auto): a skipped one of these is a fallback."""
+        if self.options.providers == ("auto",):
+            return []
+        return [ORT_NAMES[p] for p in self.options.providers]
 
     def _provider_options(self, name: str, package: ModelPackage) -> dict[str, Any]:
         if name == "TensorrtExecutionProvider":
@@ -117,19 +157,48 @@ class OnnxRuntime:
         return OnnxSession(session, note)
 
     def _check_providers(self, package: ModelPackage, requested: list[str], used: list[str]) -> str:
-        missing = [p for p in requested if p not in used]
-        wanted_gpu = [p for p in requested if p in ACCELERATORS]
+        unloadable = self.unloadable_providers()
+        # Asked for explicitly but skipped because its libraries don't load: as much a fallback as one
+        # that ONNX Runtime itself could not create.
+        skipped = [p for p in self._wanted(package) if p in unloadable and p not in requested]
+        asked = skipped + requested if skipped else requested
+        missing = [p for p in asked if p not in used]
+        wanted_gpu = [p for p in asked if p in ACCELERATORS]
         on_gpu = [p for p in used if p in ACCELERATORS]
+        reasons = "".join(f"; {p}: {unloadable[p]}" for p in missing if p in unloadable)
         if self.options.require_accelerator and not on_gpu:
-            why = f"requested {wanted_gpu or 'no GPU provider'}, session uses {used}"
+            why = f"requested {wanted_gpu or 'no GPU provider'}, session uses {used}{reasons}"
             raise ModelLoadError(f"RequireAccelerator is set but no GPU execution provider could be used ({why}); "
                                  "check the CUDA/cuDNN/TensorRT libraries and that the agent's user may use the GPU")
         if missing:
-            note = f"running on {used[0]}; requested {requested} but {missing} could not be used (CPU fallback)" \
+            note = f"running on {used[0]}; requested {asked} but {missing} could not be used (CPU fallback)" \
                 if not on_gpu else f"running on {used[0]}; {missing} could not be used"
-            log.warning("model %s: %s", package.name, note)
-            return note
+            log.warning("model %s: %s%s", package.name, note, reasons)
+            return note + reasons
         return f"running on {used[0]}"
+
+
+def probe_gpu_providers(available: Sequence[str], capi_dir: Path) -> dict[str, str]:
+    """GPU provider → the loader's reason it cannot be used, for each listed provider whose library (or the
+    CUDA driver) fails to load. A provider library that is not where this build keeps it is left to ONNX
+    Runtime to judge. Loading a library ONNX Runtime would load anyway has no other effect."""
+    unloadable: dict[str, str] = {}
+    gpu = [p for p in available if p in PROVIDER_LIBRARIES]
+    if not gpu:
+        return unloadable
+    try:
+        ctypes.CDLL(CUDA_DRIVER)
+    except OSError as exc:
+        return {p: f"no CUDA driver ({_first_line(exc)})" for p in gpu}
+    for provider in gpu:
+        library = capi_dir / PROVIDER_LIBRARIES[provider]
+        if not library.exists():
+            continue
+        try:
+            ctypes.CDLL(str(library))
+        except OSError as exc:
+            unloadable[provider] = f"its libraries do not load ({_first_line(exc)})"
+    return unloadable
 
 
 def _first_line(exc: BaseException) -> str:

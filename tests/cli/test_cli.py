@@ -53,17 +53,26 @@ def test_build_serve_detect_and_sigterm(model_files, short_tmp, pb, pb_modules):
         normal, defect = short_tmp / "normal.png", short_tmp / "defect.png"
         Image.fromarray(grey_with_square(box=None)).save(normal)
         Image.fromarray(grey_with_square(box=(8, 8, 24, 24))).save(defect)
-        for extra in ([], ["--shm"]):
-            result = cli("detect", "--socket", sock, "--model", "widget", str(normal), str(defect), "--overlay",
-                         str(short_tmp / "ov.png"), *extra)
+        (short_tmp / "b").mkdir()
+        Image.fromarray(grey_with_square(box=(40, 40, 56, 56))).save(short_tmp / "b" / "defect.png")
+        # --socket as a bare path and as a URI; the overlay directory does not exist yet; two inputs share a name
+        for extra, socket in (([], str(short_tmp / "cli.sock")), (["--shm"], sock)):
+            out_dir = short_tmp / f"overlays{len(extra)}" / "new"
+            result = cli("detect", "--socket", socket, "--model", "widget", str(normal), str(defect),
+                         str(short_tmp / "b" / "defect.png"), "--overlay", str(out_dir / "ov.png"), *extra)
             assert result.returncode == 0, result.stderr
             lines = [json.loads(line) for line in result.stdout.splitlines()]
-            assert [r["is_anomalous"] for r in lines] == [False, True]
+            assert [r["is_anomalous"] for r in lines] == [False, True, True]
             assert lines[1]["anomalies"][1] == {"name": "anomaly", "hex_color": "#23A436",
                                                 "total_percentage_area": 0.0625}
-            overlay = np.asarray(Image.open(short_tmp / "ov-defect.png"))
-            assert not (overlay[10, 10] == grey_with_square()[10, 10]).all()  # tinted where the defect is
+            assert [r["overlay"] for r in lines] == [str(out_dir / n) for n in ("ov-normal.png", "ov-defect.png",
+                                                                                 "ov-defect-2.png")]
+            overlay = np.asarray(Image.open(out_dir / "ov-defect.png")).astype(int)
+            assert overlay[8, 8].tolist() == [0x23, 0xA4, 0x36]  # the defect's outline, in its class colour
+            assert overlay[16, 16].tolist() != [255, 0, 0] and overlay[16, 16][0] > 180  # lightly tinted: still red
             assert (overlay[40, 40] == 128).all()  # untouched elsewhere
+            second = np.asarray(Image.open(out_dir / "ov-defect-2.png")).astype(int)
+            assert second[40, 40].tolist() == [0x23, 0xA4, 0x36] and (second[10, 10] == 128).all()
         assert not [p for p in os.listdir("/dev/shm") if p.startswith("edge-agent-detect-")]
         missing = cli("detect", "--socket", sock, "--model", "nope", str(normal))
         assert missing.returncode == 1 and "NOT_FOUND" in missing.stderr

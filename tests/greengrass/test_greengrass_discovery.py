@@ -4,26 +4,35 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from agent.core.discovery import DirectoryWatcher
-from agent.core.package import ModelPackage, build_package
+from agent.core.lifecycle import ModelRegistry, RegistrySettings
+from agent.core.package import build_package
+from agent.runtime.onnx import OnnxRuntime, OnnxRuntimeOptions
 from agent.tools.modelgen import build_anomalib_v2
 
 
-class RecordingRegistry:
-    def __init__(self) -> None:
-        self.synced: list[dict[str, ModelPackage]] = []
+class Registry(ModelRegistry):
+    """The real registry (models stay STOPPED: nothing is loaded)."""
 
-    def sync(self, packages: Mapping[str, ModelPackage]) -> None:
-        self.synced.append(dict(packages))
+    def __init__(self) -> None:
+        super().__init__(OnnxRuntime(OnnxRuntimeOptions(providers=("cpu",))), RegistrySettings())
 
     @property
-    def last(self) -> dict[str, ModelPackage]:
-        return self.synced[-1]
+    def last(self) -> dict:
+        return {name: self.package(name) for name in self.names()}
+
+    def wait_gone(self, name: str, timeout: float = 5.0) -> None:
+        """Removals run on the watcher's removal thread (a drain must not hold up scans)."""
+        deadline = time.monotonic() + timeout
+        while name in self.names():
+            assert time.monotonic() < deadline, f"{name} was not removed"
+            time.sleep(0.01)
 
 
 class Clock:
@@ -56,14 +65,14 @@ def publish(models: Path, name: str, target: Path) -> None:
     os.replace(tmp, models / name)
 
 
-def watcher(models: Path, registry: RecordingRegistry, clock: Clock) -> DirectoryWatcher:
-    return DirectoryWatcher(models, registry, 1.0, removal_grace_s=60.0, name_from_entry=True,  # type: ignore[arg-type]
+def watcher(models: Path, registry: Registry, clock: Clock) -> DirectoryWatcher:
+    return DirectoryWatcher(models, registry, 1.0, removal_grace_s=60.0, name_from_entry=True,
                             prune_dangling_links=True, clock=clock)
 
 
 def test_link_name_is_the_model_name_and_a_new_target_is_a_new_version(tmp_path: Path,
                                                                        versions: dict[str, Path]) -> None:
-    registry, clock = RecordingRegistry(), Clock()
+    registry, clock = Registry(), Clock()
     w = watcher(tmp_path / "models", registry, clock)
     publish(tmp_path / "models", "com.example.M", versions["1.0.0"])
     w.scan()
@@ -77,7 +86,7 @@ def test_link_name_is_the_model_name_and_a_new_target_is_a_new_version(tmp_path:
 
 
 def test_vanished_link_keeps_serving_for_the_grace_period(tmp_path: Path, versions: dict[str, Path]) -> None:
-    registry, clock = RecordingRegistry(), Clock()
+    registry, clock = Registry(), Clock()
     models = tmp_path / "models"
     w = watcher(models, registry, clock)
     publish(models, "com.example.M", versions["1.0.0"])
@@ -91,11 +100,12 @@ def test_vanished_link_keeps_serving_for_the_grace_period(tmp_path: Path, versio
     w.scan()
     clock.now += 61
     assert w.scan() == {}
+    registry.wait_gone("com.example.M")
 
 
 def test_post_update_flush_removes_at_once_and_prunes_dangling_links(tmp_path: Path,
                                                                      versions: dict[str, Path]) -> None:
-    registry, clock = RecordingRegistry(), Clock()
+    registry, clock = Registry(), Clock()
     models = tmp_path / "models"
     w = watcher(models, registry, clock)
     target = tmp_path / "copy"
@@ -105,4 +115,5 @@ def test_post_update_flush_removes_at_once_and_prunes_dangling_links(tmp_path: P
     shutil.rmtree(target)  # the nucleus deleted the removed component's artifacts
     assert "com.example.M" in w.scan()  # dangling: grace period first
     assert w.scan(flush_missing=True) == {}
+    registry.wait_gone("com.example.M")
     assert not os.path.lexists(models / "com.example.M")

@@ -176,7 +176,7 @@ def test_shared_memory_input_and_mask(make_package, agent, stub, pb):
     start(stub, pb, "widget")
     image = grey_with_square(128, 96, box=(16, 16, 48, 48))
     seg_in, seg_mask = f"/ea-test-in-{os.getpid()}", f"/ea-test-mask-{os.getpid()}"  # parallel runs don't collide
-    offset = 4096 + 100  # not page aligned: the agent must map from the page boundary
+    offset = 4096 + 100  # not page aligned
     with shm_segment(seg_in, offset + image.nbytes) as frame, \
             shm_segment(seg_mask, 64 + image.nbytes) as mask_seg:
         frame[offset:offset + image.nbytes] = image.tobytes()

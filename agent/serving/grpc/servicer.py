@@ -69,11 +69,11 @@ def to_response(detection: Detection, mask_shm: ShmHandle | None) -> pb.DetectAn
     result.confidence = detection.confidence
     result.anomaly_score = detection.score
     result.anomaly_threshold = detection.threshold
-    if not detection.has_mask:
-        return response
-    for anomaly in detection.anomalies:
+    for anomaly in detection.anomalies:  # listed even when the mask policy leaves the inline mask out
         result.anomalies.add(name=anomaly.name, pixel_anomaly=pb.PixelAnomaly(
             total_percentage_area=anomaly.area, hex_color=anomaly.color))
+    if not detection.has_mask:
+        return response
     if mask_shm is None and detection.mask is not None:
         return InlineMaskResponse(response, detection.mask, detection.mask_width, detection.mask_height)
     mask = result.anomaly_mask

@@ -171,7 +171,11 @@ def agent_process(work: Path, models_dir: Path, extra: list[str], *, tree: Path 
     cmd = [sys.executable, "-m", "agent", "serve", "--socket", socket_uri, "--models-dir", str(models_dir),
            "--work-dir", str(work / f"state-{tag}"), "--execution-providers", "cpu", "--metrics-port", "-1",
            "--log-level", "WARNING", "--model-scan-interval-seconds", "0.2", *extra]
-    proc = subprocess.Popen(cmd, cwd=tree, env=_child_env(tree), stdout=subprocess.DEVNULL,
+    env = _child_env(tree)
+    # Full-size inline masks, as before InlineMask existed: the benchmark's clients allow 64 MiB, and rows stay
+    # comparable with earlier runs (an older tree in bench-ab ignores the variable).
+    env.setdefault("EDGE_AGENT_INLINE_MASK", "full")
+    proc = subprocess.Popen(cmd, cwd=tree, env=env, stdout=subprocess.DEVNULL,
                             stderr=open(work / f"{tag}.log", "wb"))
     try:
         yield proc, socket_uri
@@ -311,9 +315,11 @@ class Clients:
     def __init__(self, stack: ExitStack, socket_uri: str, transport_uri: str, predictor: Any, model: str,
                  frame: np.ndarray, clients: int, tag: str) -> None:
         from agent.client import channel
+        from agent.core.masks import MaskPolicy
         from agent.serving.grpc._generated import edge_agent_pb2_grpc as pb_grpc
 
-        self.floor = [lambda: predictor.predict(frame) for _ in range(clients)]
+        full = MaskPolicy(inline="full")  # the same full-size mask the agent sends its 64 MiB clients
+        self.floor = [lambda: predictor.predict(frame, policy=full) for _ in range(clients)]
         self.bytes: list[Callable[[], Any]] = []
         self.shm: list[Callable[[], Any]] = []
         self.grpcio_bytes: list[Callable[[], Any]] = []

@@ -1,0 +1,1 @@
+"""Readers for model-package manifests not written by this project (DDA / Lookout for Vision)."""

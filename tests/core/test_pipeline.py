@@ -1,0 +1,63 @@
+"""Masks and the verdict rule: pixel-identical to the resampler they follow, sized to what clients receive."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from agent.core import masks
+from agent.core.masks import MaskPolicy
+from agent.core.pipeline import decide, override
+
+RGB = masks.palette_rgb(masks.palette([]))
+
+
+@pytest.mark.parametrize("src,dst", [((7, 5), (640, 480)), ((64, 48), (1920, 1080)), ((48, 64), (33, 17)),
+                                     ((3, 3), (3, 3))])
+def test_rendered_masks_equal_the_libraries_nearest_resize(src, dst):
+    rng = np.random.default_rng(0)
+    class_mask = rng.integers(0, 5, size=(src[1], src[0]), dtype=np.uint8)
+    pil = np.asarray(Image.fromarray(class_mask).resize(dst, Image.Resampling.NEAREST))
+    np.testing.assert_array_equal(masks.render(class_mask, *dst, RGB, "pillow"), RGB[pil])
+    ocv = cv2.resize(class_mask, dst, interpolation=cv2.INTER_NEAREST)
+    np.testing.assert_array_equal(masks.render(class_mask, *dst, RGB, "cv2"), RGB[ocv])
+    counts = masks.class_counts(class_mask, *dst, "cv2")
+    np.testing.assert_array_equal(counts[:5], np.bincount(ocv.ravel(), minlength=5))
+    buffer = bytearray(dst[0] * dst[1] * 3)
+    assert masks.render(class_mask, *dst, RGB, "cv2", memoryview(buffer)) is None
+    np.testing.assert_array_equal(np.frombuffer(buffer, np.uint8).reshape(dst[1], dst[0], 3), RGB[ocv])
+
+
+def test_fit_policy_sizes():
+    policy = MaskPolicy()
+    names = ["background", "anomaly"]
+    assert policy.inline_size(640, 480, True, names) == (640, 480)
+    w, h = policy.inline_size(1920, 1080, True, names)
+    assert w * h * 3 + masks.response_overhead(names) <= policy.max_response_bytes
+    assert w / h == pytest.approx(1920 / 1080, rel=0.01) and w > 1500
+    w, h = policy.inline_size(4096, 4096, True, names)
+    assert w == h and w * h * 3 <= policy.max_response_bytes
+    assert policy.inline_size(64, 4096, True, names) == (64, 4096)  # 0.8 MB: fits
+    assert policy.inline_size(4096, 1000, True, names)[0] < 4096
+    assert MaskPolicy(inline="full").inline_size(4096, 4096, True, names) == (4096, 4096)
+    assert MaskPolicy(inline="none").inline_size(64, 64, True, names) is None
+    assert MaskPolicy(normal=False).inline_size(64, 64, False, names) is None
+    assert MaskPolicy(normal=False).inline_size(64, 64, True, names) == (64, 64)
+    with pytest.raises(ValueError, match="inline mask mode"):
+        MaskPolicy(inline="half")
+
+
+def test_verdict_rule_and_classification_logic():
+    assert decide(0.49996, 0.5)[0] and not decide(0.49994, 0.5)[0]  # 4-digit rounding, equality = anomaly
+    assert decide(1.3, 0.5) == (True, 1.0) and decide(-0.2, 0.5) == (False, 1.0)
+    normal_mask, defect_mask = {0}, {0, 2}
+    assert override(True, normal_mask, "cls_head", (0,)) is True
+    assert override(True, normal_mask, "seg_head", (0,)) is False
+    assert override(False, defect_mask, "seg_head", (0,)) is True
+    assert override(True, normal_mask, "cls_and_seg", (0,)) is False
+    assert override(True, defect_mask, "cls_and_seg", (0,)) is True
+    assert override(False, defect_mask, "cls_or_seg", (0,)) is True
+    assert override(False, normal_mask, "cls_or_seg", (0,)) is False
+    assert override(False, {0, 2}, "seg_head", (0, 2)) is False  # normal pixel classes
