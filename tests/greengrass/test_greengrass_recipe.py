@@ -190,3 +190,39 @@ def test_gdk_config_builds_with_the_script() -> None:
     assert "scripts/build-component" in command and (ROOT / "scripts" / "build-component").is_file()
     assert re.fullmatch(r"\d+\.\d+\.\d+", component["version"])
     assert doc["gdk_version"] == "1.0.0"
+
+
+def _build_component_module() -> Any:
+    import importlib.machinery
+    import importlib.util
+
+    loader = importlib.machinery.SourceFileLoader("build_component", str(ROOT / "scripts" / "build-component"))
+    spec = importlib.util.spec_from_loader("build_component", loader)
+    assert spec is not None
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+def test_wheelhouse_requirements_are_the_devices_not_the_build_hosts() -> None:
+    """pip download --platform evaluates markers on the build host; the builder evaluates them for the device."""
+    import email
+
+    bc = _build_component_module()
+    with_extras = email.message_from_string(
+        "Metadata-Version: 2.1\nName: edge-agent\nRequires-Python: >=3.8\n"
+        "Requires-Dist: numpy>=1.24\nRequires-Dist: importlib-metadata; python_version < '3.10'\n"
+        "Requires-Dist: pywin32; sys_platform == 'win32'\nProvides-Extra: cpu\n"
+        "Requires-Dist: onnxruntime>=1.16; extra == 'cpu'\nProvides-Extra: gpu\n"
+        "Requires-Dist: onnxruntime-gpu>=1.16; extra == 'gpu'\nProvides-Extra: packaging\n"
+        "Requires-Dist: boto3>=1.34; extra == 'packaging'\n")
+    assert bc.device_requirements(with_extras, "aarch64", "3.8", "cpu") == [
+        "importlib-metadata", "numpy>=1.24", "onnxruntime>=1.16"]
+    assert bc.device_requirements(with_extras, "x86_64", "3.11", "gpu") == ["numpy>=1.24", "onnxruntime-gpu>=1.16"]
+    # A wheel without the extras (ONNX Runtime chosen by machine markers): the profile decides, as install.sh does.
+    legacy = email.message_from_string(
+        "Metadata-Version: 2.1\nName: edge-agent\nRequires-Dist: grpcio>=1.60\n"
+        "Requires-Dist: onnxruntime-gpu>=1.17; platform_machine == 'x86_64'\n"
+        "Requires-Dist: onnxruntime>=1.17; platform_machine != 'x86_64'\n")
+    assert bc.device_requirements(legacy, "x86_64", "3.11", "cpu") == ["grpcio>=1.60", "onnxruntime"]
+    assert bc.device_requirements(legacy, "aarch64", "3.11", "gpu") == ["grpcio>=1.60", "onnxruntime-gpu"]
