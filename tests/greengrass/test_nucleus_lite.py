@@ -7,7 +7,7 @@ What it does, in order (docs/greengrass.md, "Tested on nucleus lite"):
    downloaded wheels are cached by their requirements) and deploys it exactly as rendered with `ggl-cli deploy`;
 3. runs its install phase in a network namespace with no network (`unshare -n`), empty home, no pip config:
    everything comes from the wheelhouse artifact;
-4. runs it, changes its configuration live over lite's IPC (an invalid value is ignored with a log line, a valid
+4. runs it (also without network), changes its configuration live over lite's IPC (an invalid value is ignored with a log line, a valid
    one is applied), deploys a model component made by the project's own packaging job (local mode), installs it
    offline (lite leaves its zip packed: the install step unpacks it) and gets DetectAnomalies answers;
 5. restarts lite's IPC daemon (every SVCUID forgotten): the agent reconnects by component name in place and a
@@ -222,11 +222,14 @@ def _exercise(prefix: Path, steps: Steps, tmp: Path) -> None:
     venv = prefix / "rt" / "root" / "work" / AGENT / "venv"
     assert (venv / "bin" / "edge-agent").is_file()
 
-    # 4. Run it; configuration comes over lite's IPC.
+    # 4. Run it, with no network either (only loopback; lite's IPC and the agent's sockets are Unix sockets);
+    #    configuration comes over lite's IPC.
+    run = [str(KIT / "run-component.sh"), str(prefix), AGENT, __version__, "run"]
+    if shutil.which("ip"):
+        run = ["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$0" "$@"', *run]
     started = time.monotonic()
     with agent_log.open("ab") as out:
-        agent = subprocess.Popen([str(KIT / "run-component.sh"), str(prefix), AGENT, __version__, "run"],
-                                 stdout=out, stderr=subprocess.STDOUT)
+        agent = subprocess.Popen(run, stdout=out, stderr=subprocess.STDOUT)
     try:
         stub = pb_grpc.EdgeAgentStub(grpc.insecure_channel(socket))
 
