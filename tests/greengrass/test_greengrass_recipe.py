@@ -189,7 +189,9 @@ def test_gdk_config_builds_with_the_script() -> None:
     command = component["build"]["custom_build_command"]
     assert "scripts/build-component" in command and (ROOT / "scripts" / "build-component").is_file()
     assert re.fullmatch(r"\d+\.\d+\.\d+", component["version"])
-    assert doc["gdk_version"] == "1.0.0"
+    # GDK's minimum version: GDK CLI before 1.2.2 rejected the `Uri` key (aws-greengrass-gdk-cli issue #142),
+    # which nucleus lite needs.
+    assert doc["gdk_version"] == "1.2.2"
 
 
 def _build_component_module() -> Any:
