@@ -19,30 +19,34 @@ case "$SYSTEM_ORT" in true|false) ;; *) echo "UseSystemOnnxRuntime must be true 
 case "$PROFILE" in cpu|gpu) ;; *) echo "InstallProfile must be cpu or gpu, not '$PROFILE'" >&2; exit 1 ;; esac
 WHEEL=$(ls "$ART"/edge_agent-*.whl | head -n 1)
 
-WH=""
+ZIP=""
 for z in "$ART"/edge_agent-wheelhouse-*.zip; do
-  [ -f "$z" ] || continue
-  stem=$(basename "$z" .zip)
-  if [ -d "$DEC/$stem" ] && [ -n "$(ls -A "$DEC/$stem")" ]; then
-    WH="$DEC/$stem"
-  else
-    echo "unpacking $(basename "$z") (the nucleus left $DEC empty)"
-    rm -rf .wheelhouse.tmp wheelhouse
-    python3 -m zipfile -e "$z" .wheelhouse.tmp
-    mv .wheelhouse.tmp wheelhouse
-    WH="$PWD/wheelhouse"
-  fi
+  if [ -f "$z" ]; then ZIP=$z; fi
 done
-
-STAMP="$(sha256sum "$WHEEL" | cut -d' ' -f1) system-onnxruntime=$SYSTEM_ORT profile=$PROFILE offline=$([ -n "$WH" ] && echo yes || echo no)"
+STAMP="$(sha256sum "$WHEEL" | cut -d' ' -f1) system-onnxruntime=$SYSTEM_ORT profile=$PROFILE offline=$([ -n "$ZIP" ] && echo yes || echo no)"
 if [ -x venv/bin/edge-agent ] && [ "$(cat venv/.edge-agent-installed 2>/dev/null)" = "$STAMP" ]; then
   echo "edge-agent already installed"
-  rm -rf wheelhouse
   exit 0
 fi
 
+# Our own unpacked copy of the wheelhouse goes whatever happens (it is as large as the venv).
+trap 'rm -rf .wheelhouse.tmp wheelhouse' EXIT
+WH=""
+if [ -n "$ZIP" ]; then
+  stem=$(basename "$ZIP" .zip)
+  if [ -d "$DEC/$stem" ] && [ -n "$(ls -A "$DEC/$stem")" ]; then
+    WH="$DEC/$stem"
+  else
+    echo "unpacking $(basename "$ZIP") (the nucleus left $DEC empty)"
+    rm -rf .wheelhouse.tmp wheelhouse
+    python3 -m zipfile -e "$ZIP" .wheelhouse.tmp
+    mv .wheelhouse.tmp wheelhouse
+    WH="$PWD/wheelhouse"
+  fi
+fi
+
 ORT=onnxruntime
-[ "$PROFILE" = gpu ] && ORT=onnxruntime_gpu
+if [ "$PROFILE" = gpu ]; then ORT=onnxruntime_gpu; fi
 if [ -n "$WH" ] && [ "$SYSTEM_ORT" = false ] && ! ls "$WH"/$ORT-*.whl >/dev/null 2>&1; then
   echo "InstallProfile is $PROFILE but the wheelhouse has no $ORT wheel: build it with" >&2
   echo "scripts/build-component --offline --profile $PROFILE (or set UseSystemOnnxRuntime)" >&2
@@ -86,5 +90,4 @@ if [ "$SYSTEM_ORT" = true ] && ! venv/bin/python -c "import onnxruntime"; then
   exit 1
 fi
 echo "$STAMP" > venv/.edge-agent-installed
-rm -rf wheelhouse
 echo "edge-agent installed ($( [ -n "$WH" ] && echo "offline, from $WH" || echo online))"

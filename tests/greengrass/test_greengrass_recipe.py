@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -228,3 +229,66 @@ def test_wheelhouse_requirements_are_the_devices_not_the_build_hosts() -> None:
         "Requires-Dist: onnxruntime>=1.17; platform_machine != 'x86_64'\n")
     assert bc.device_requirements(legacy, "x86_64", "3.11", "cpu") == ["grpcio>=1.60", "onnxruntime"]
     assert bc.device_requirements(legacy, "aarch64", "3.11", "gpu") == ["grpcio>=1.60", "onnxruntime-gpu"]
+
+
+def _wheel(folder: Path, name: str, version: str, metadata: str = "", script: bool = False) -> Path:
+    """A minimal pure-Python wheel (what install.sh and pip need of one)."""
+    import zipfile
+
+    dist = f"{name.replace('-', '_')}-{version}"
+    path = folder / f"{dist}-py3-none-any.whl"
+    module = name.replace("-", "_")
+    files = {f"{module}.py": "def main():\n    return 0\n",
+             f"{dist}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n{metadata}",
+             f"{dist}.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+                                        "Tag: py3-none-any\n"}
+    if script:
+        files[f"{dist}.dist-info/entry_points.txt"] = f"[console_scripts]\n{name} = {module}:main\n"
+    files[f"{dist}.dist-info/RECORD"] = "".join(f"{n},,\n" for n in [*files, f"{dist}.dist-info/RECORD"])
+    with zipfile.ZipFile(path, "w") as z:
+        for n, text in files.items():
+            z.writestr(n, text)
+    return path
+
+
+def test_install_script_installs_offline_from_the_wheelhouse(tmp_path: Path) -> None:
+    """install.sh as a lite local deployment runs it: the wheelhouse zip left packed, paths ending in `/`, no
+    network configured for pip (an index would fail: --no-index). Then unchanged reruns are skipped."""
+    import zipfile
+
+    art, dec, work, wheels = (tmp_path / n for n in ("art", "dec", "work", "wheels"))
+    for d in (art, dec, work, wheels):
+        d.mkdir()
+    _wheel(art, "edge-agent", "1.0.0", "Provides-Extra: cpu\nRequires-Dist: onnxruntime; extra == 'cpu'\n"
+                                       "Provides-Extra: gpu\nRequires-Dist: onnxruntime-gpu; extra == 'gpu'\n",
+           script=True)
+    _wheel(wheels, "onnxruntime", "9.9.9")
+    with zipfile.ZipFile(art / "edge_agent-wheelhouse-x86_64.zip", "w") as z:
+        for w in wheels.iterdir():
+            z.write(w, w.name)
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": str(tmp_path),
+           "PIP_CONFIG_FILE": "/dev/null", "PIP_INDEX_URL": "http://127.0.0.1:9/nowhere"}
+
+    def install(profile: str = "cpu") -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["sh", str(INSTALL_SCRIPT), f"{art}/", f"{dec}/", "false", profile], cwd=work, env=env,
+                              capture_output=True, text=True, timeout=300)
+
+    done = install()
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "unpacking edge_agent-wheelhouse-x86_64.zip" in done.stdout and "offline, from" in done.stdout
+    site = next((work / "venv" / "lib").glob("python3*/site-packages"))
+    assert (site / "onnxruntime.py").is_file() and (work / "venv" / "bin" / "edge-agent").is_file()
+    assert sorted(p.name for p in work.iterdir()) == ["venv"]  # its unpacked wheelhouse is gone
+    again = install()
+    assert again.returncode == 0 and "already installed" in again.stdout and "unpacking" not in again.stdout
+    # A profile the wheelhouse cannot serve fails with a message, and leaves nothing unpacked behind.
+    gpu = install("gpu")
+    assert gpu.returncode == 1 and "the wheelhouse has no onnxruntime_gpu wheel" in gpu.stderr
+    assert not (work / "wheelhouse").exists()
+    # The classic nucleus (and lite's cloud deployments) unpacked it already: used in place.
+    with zipfile.ZipFile(art / "edge_agent-wheelhouse-x86_64.zip") as z:
+        z.extractall(dec / "edge_agent-wheelhouse-x86_64")
+    shutil.rmtree(work / "venv")
+    done = install()
+    assert done.returncode == 0 and "unpacking" not in done.stdout
+    assert f"offline, from {dec}/edge_agent-wheelhouse-x86_64" in done.stdout

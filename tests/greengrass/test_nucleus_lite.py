@@ -1,15 +1,16 @@
 """The component on a real nucleus: AWS IoT Greengrass nucleus lite 2.6.0, built from ../shared/greengrass-lite.
 
-What it does, in order (docs/greengrass.md, "Tested on nucleus lite"):
+What it does, in order (docs/greengrass.md §4):
 1. builds lite once into a cache dir with a fixed absolute path (its PREFIX is compiled into the binaries), under
    a file lock (runs of this test share that runtime and take turns);
 2. builds the component with `scripts/build-component --offline` for this machine and the device's Python (the
    downloaded wheels are cached by their requirements) and deploys it exactly as rendered with `ggl-cli deploy`;
 3. runs its install phase in a network namespace with no network (`unshare -n`), empty home, no pip config:
    everything comes from the wheelhouse artifact;
-4. runs it (also without network), changes its configuration live over lite's IPC (an invalid value is ignored with a log line, a valid
-   one is applied), deploys a model component made by the project's own packaging job (local mode), installs it
-   offline (lite leaves its zip packed: the install step unpacks it) and gets DetectAnomalies answers;
+4. runs it (also without network), changes its configuration live over lite's IPC (an invalid value is
+   ignored with a log line, a valid one is applied), deploys a model component made by the project's own
+   packaging job (local mode), installs it offline (lite leaves its zip packed: the install step unpacks it)
+   and gets DetectAnomalies answers;
 5. restarts lite's IPC daemon (every SVCUID forgotten): the agent reconnects by component name in place and a
    further configuration change still arrives.
 
