@@ -222,6 +222,10 @@ def _exercise(prefix: Path, steps: Steps, tmp: Path) -> None:
     assert "offline, from" in done.stdout, done.stdout[-2000:]
     venv = prefix / "rt" / "root" / "work" / AGENT / "venv"
     assert (venv / "bin" / "edge-agent").is_file()
+    # Install runs again on every start of the nucleus: unchanged, it is skipped.
+    again = steps.run("install agent again", ["unshare", "-n", str(KIT / "run-component.sh"), str(prefix), AGENT,
+                                              __version__, "install"], timeout=120, env=offline)
+    assert "edge-agent already installed" in again.stdout, again.stdout[-2000:]
 
     # 4. Run it, with no network either (only loopback; lite's IPC and the agent's sockets are Unix sockets);
     #    configuration comes over lite's IPC.
