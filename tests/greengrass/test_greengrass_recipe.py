@@ -90,8 +90,8 @@ def test_each_platform_installs_the_wheel_and_runs_the_agent(recipe: dict[str, A
     assert set(lifecycle) == {"install", "run"}  # lowercase: the only spelling lite reads; classic ignores case
     assert "edge-agent serve" in lifecycle["run"]["Script"]
     config = default_configuration()
-    for system_ort in (False, True):
-        config["UseSystemOnnxRuntime"] = system_ort
+    for system_ort, profile in ((False, "cpu"), (False, "gpu"), (True, "cpu")):
+        config["UseSystemOnnxRuntime"], config["InstallProfile"] = system_ort, profile
         for step in ("install", "run"):
             script = interpolate(lifecycle[step]["Script"], config)
             assert not PLACEHOLDER.search(script), f"{step}: left {PLACEHOLDER.findall(script)}"
