@@ -45,7 +45,7 @@ DEFER_RECHECK_MS = 2000
 MAX_DEFER_S = 60.0
 MODELS_SUBDIR = "models"
 #: Consecutive connects refused although the nucleus listens, before the agent exits for a fresh identity
-#: (~6 s with the default backoff). A nucleus that is down does not count.
+#: (~3 s with the default backoff: 0.2 s doubling). A nucleus that is down does not count.
 MAX_IDENTITY_REFUSALS = 5
 #: sysexits' EX_TEMPFAIL: the nucleus treats any non-zero exit of a running component as an error and
 #: restarts it (classic: ERRORED -> restart; lite: systemd Restart=on-failure).
