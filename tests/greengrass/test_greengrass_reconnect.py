@@ -98,6 +98,11 @@ def test_forgotten_svcuid_reconnects_in_place_by_component_name(nucleus: FakeNuc
         assert until(lambda: f.agent.config.warmup_runs == 6)
         assert f.component.exit_status == 0 and f.component.identity_refusals == 0
         assert not f.agent.wait(0)
+        # The stale token is not tried first again: the next reconnect goes straight in by name.
+        before = len(nucleus.connect_attempts)
+        nucleus.disconnect_all()
+        assert until(lambda: f.component.sessions == 3 and f.component.wait_connected(0))
+        assert [(a.component_name, a.accepted) for a in nucleus.connect_attempts[before:]] == [(COMPONENT_NAME, True)]
 
 
 def test_refused_identity_stops_the_agent_with_status_75(nucleus: FakeNucleus, short_tmp: Path) -> None:
