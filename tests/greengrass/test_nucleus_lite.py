@@ -182,10 +182,14 @@ def test_agent_and_model_component_on_nucleus_lite(tmp_path: Path) -> None:
     steps = Steps(tmp_path / "steps.log")
     with locked(prefix.with_name(prefix.name + ".lock")):
         steps.run("build lite", [str(KIT / "build.sh"), str(prefix)], timeout=600)
+        passed = False
         try:
             _exercise(prefix, steps, tmp_path)
+            passed = True
         finally:
             subprocess.run([str(KIT / "stop-nucleus.sh"), str(prefix)], capture_output=True, timeout=60)
+            if passed:  # the deployed component store and venv (~0.5 GB) are not worth caching; logs stay
+                shutil.rmtree(prefix / "rt" / "root", ignore_errors=True)
     total = time.monotonic() - started_all
     print(f"\nnucleus lite test: {total:.1f} s in all; " + ", ".join(f"{k} {v:.1f} s" for k, v in steps.times.items()))
 
