@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry
 
 from agent import __version__
 from agent.config import AgentConfig
+from agent.core.admission import Capacity
 from agent.core.discovery import DirectoryWatcher
 from agent.core.inference import DetectObserver, InferenceService
 from agent.core.lifecycle import ModelRegistry, RegistryListener, RegistrySettings
@@ -27,8 +28,9 @@ from agent.core.pipeline import Clock, Detection
 from agent.logs import configure
 from agent.runtime.base import ModelRuntime
 from agent.runtime.onnx import OnnxRuntime, OnnxRuntimeOptions
+from agent.serving.grpc.guard import RequestGuard
 from agent.serving.grpc.interceptors import MetricsInterceptor
-from agent.serving.grpc.server import bind, build_server, secure_socket
+from agent.serving.grpc.server import bind, build_server, detect_capacity, secure_socket
 from agent.serving.grpc.servicer import EdgeAgentServicer, add_to_server
 from agent.serving.health import AgentHealth, enable_reflection
 from agent.serving.metrics import AgentMetrics, MetricsServer
@@ -42,6 +44,7 @@ def registry_settings(config: AgentConfig) -> RegistrySettings:
         max_queue=config.max_queue,
         warmup_runs=config.warmup_runs,
         stop_timeout_s=config.stop_timeout_s,
+        load_timeout_s=config.load_timeout_s,
         autostart=config.autostart,
     )
 
@@ -86,8 +89,11 @@ class Agent:
         self.runtime = runtime or onnx_runtime(config)
         # Under Greengrass the models dir holds one symlink per model component (docs/greengrass.md).
         self._component_models = component_models
+        # The one admission bound of the whole server (agent/core/admission.py): fixed by GrpcWorkers.
+        self.capacity = Capacity(detect_capacity(config))
         self.registry = ModelRegistry(self.runtime, registry_settings(config), clock=clock,
-                                      listeners=[self.metrics, self.health, *(listeners or [])])
+                                      listeners=[self.metrics, self.health, *(listeners or [])],
+                                      capacity=self.capacity)
         self.metrics.watch_admission(self.registry)
         observers = [self.metrics] + ([observer] if observer is not None else [])
         self.inference = InferenceService(self.registry, clock=clock, observer=_Observers(observers),
@@ -97,12 +103,13 @@ class Agent:
         # extra gRPC services, added at start(); health always, reflection if configured
         self._services = [self.health.add_to_server, *services]
         self._interceptors = [MetricsInterceptor(self.metrics), *interceptors]
+        self._guard = RequestGuard()
         self._server: grpc.Server | None = None
         self._watcher: DirectoryWatcher | None = None
         self._stop_requested = threading.Event()
 
     def start(self) -> None:
-        server = build_server(self.config, self._interceptors)
+        server = build_server(self.config, self._interceptors, self._guard)
         add_to_server(EdgeAgentServicer(self.registry, self.inference), server)
         for add_service in self._services:
             add_service(server)
@@ -164,17 +171,37 @@ class Agent:
         self._stop_requested.set()
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Block until request_stop() or stop(); True if that happened within timeout."""
-        return self._stop_requested.wait(timeout)
+        """Block until request_stop() or stop(); True if that happened within timeout.
+
+        Waits in short slices: Python runs signal handlers in the main thread only, and a SIGTERM that
+        the kernel delivers to another thread (grpc's, ONNX Runtime's) does not interrupt a lock wait
+        without a timeout, so an untimed wait could sleep through the signal forever (seen once in
+        eight SIGTERMs under load)."""
+        end = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = 0.2 if end is None else min(0.2, end - time.monotonic())
+            if self._stop_requested.wait(max(left, 0.0)):
+                return True
+            if end is not None and time.monotonic() >= end:
+                return False
 
     def stop(self, grace: float | None = None) -> None:
-        """Refuse new calls, let in-flight ones finish (grace), stop models, remove the socket."""
-        log.info("edge agent stopping: health NOT_SERVING, draining in-flight requests")
+        """Let requests that arrived finish (within grace), refuse new calls, stop models, remove the socket.
+
+        grpc's stop() drops calls it has accepted but not yet handed to a worker (a burst still arriving),
+        so the server is first left to run until it is quiet (nothing handled, nothing new for a moment;
+        health already says NOT_SERVING, so well-behaved clients stop sending), then stopped with the
+        rest of the grace for what is still running."""
+        grace = self.config.stop_timeout_s if grace is None else grace
+        deadline = time.monotonic() + grace
+        log.info("edge agent stopping: health NOT_SERVING, draining in-flight requests (up to %.0fs)", grace)
         self.health.shutting_down()
         if self._watcher is not None:
             self._watcher.stop()
         if self._server is not None:
-            self._server.stop(self.config.stop_timeout_s if grace is None else grace).wait()
+            if not self._guard.quiesce(grace):
+                log.warning("requests still arriving or running after %.0fs; stopping anyway", grace)
+            self._server.stop(max(deadline - time.monotonic(), 0.0)).wait()
         self.registry.close()
         try:
             Path(self.config.socket_path).unlink(missing_ok=True)

@@ -249,7 +249,13 @@ class AgentConfig:
                                       _parse_non_negative_float, restart=False)
     stop_timeout_s: float = _setting(30.0, "StopTimeoutSeconds", "how long StopModel and shutdown wait for "
                                      "in-flight requests", _parse_positive_float, restart=False)
-    grpc_workers: int = _setting(16, "GrpcWorkers", "gRPC server worker threads", _at_least_one)
+    load_timeout_s: float = _setting(600.0, "ModelLoadTimeoutSeconds", "a model load (session creation and "
+                                     "warm-up) taking longer than this is abandoned and the model goes FAILED "
+                                     "(a swap keeps the old version)", _parse_positive_float, restart=False)
+    grpc_workers: int = _setting(24, "GrpcWorkers", "gRPC server worker threads; at most GrpcWorkers - 4 "
+                                 "DetectAnomalies calls are admitted (running or queued) at once over all "
+                                 "models, the other 4 workers answer lifecycle and health calls",
+                                 _at_least_one)
     malloc_mmap_threshold_mb: int = _setting(
         17, "MallocMmapThresholdMB", "glibc: buffers up to this size (MiB, at most 32; 17 covers 1080p RGB frames "
         "and Pillow's 16 MiB image blocks) are reused between requests instead of being mmap'ed and "

@@ -16,6 +16,8 @@ class ErrorCode(enum.Enum):
     RESOURCE_EXHAUSTED = "resource_exhausted"
     INTERNAL = "internal"
     UNAVAILABLE = "unavailable"
+    DEADLINE_EXCEEDED = "deadline_exceeded"
+    CANCELLED = "cancelled"
 
 
 class AgentError(Exception):
@@ -52,6 +54,18 @@ class Overloaded(AgentError):
     """The model's bounded request queue is full."""
 
     code = ErrorCode.RESOURCE_EXHAUSTED
+
+
+class DeadlineExceeded(AgentError):
+    """The caller's deadline passed (or would pass) before the request could run; it was not run."""
+
+    code = ErrorCode.DEADLINE_EXCEEDED
+
+
+class CallCancelled(AgentError):
+    """The caller went away (cancelled, disconnected) before the request ran; it was not run."""
+
+    code = ErrorCode.CANCELLED
 
 
 class InferenceFailed(AgentError):

@@ -1,9 +1,11 @@
 """The DetectAnomalies use case, transport-neutral: request in, Detection out.
 
-Order of checks: the model must exist and be RUNNING, then the bitmap must be valid (and, from
-shared memory, readable by the agent), then a mask segment must be writable; then the request
-waits for one of the model's slots, runs, and the mask goes back inline or into the caller's
-shared-memory segment.
+Order of checks: the model must exist and be RUNNING (the request then holds that version until
+it is done, whatever happens to the model meanwhile), then the bitmap must be valid (and, from
+shared memory, readable by the agent), then a mask segment must be writable; then the request is
+admitted (agent/core/admission.py: run now, wait in the model's bounded queue, or be refused; never
+run for a caller that has gone or whose deadline it can't meet), runs, and the mask goes back
+inline or into the caller's shared-memory segment.
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Protocol
 
+from agent.core.admission import Caller
 from agent.core.frames import SharedMemory, ShmHandle, as_image, check_size
-from agent.core.lifecycle import ModelRegistry
+from agent.core.lifecycle import ModelRegistry, RunningModel
 from agent.core.masks import MaskPolicy
 from agent.core.pipeline import Clock, Detection
 from agent.errors import InvalidInput
@@ -50,10 +53,14 @@ class InferenceService:
         self.observer = observer
         self.shm = shared_memory or SharedMemory()
 
-    def detect(self, request: DetectRequest) -> Detection:
+    def detect(self, request: DetectRequest, caller: Caller | None = None) -> Detection:
+        """Run one request. `caller` (the gRPC context) gives its deadline and whether it is still there."""
         if not request.model:
             raise InvalidInput("model_component is empty")
-        model = self.registry.running(request.model)
+        with self.registry.lease(request.model) as model:
+            return self._detect(request, model, caller)
+
+    def _detect(self, request: DetectRequest, model: RunningModel, caller: Caller | None) -> Detection:
         if (request.data is None) == (request.shm is None):
             raise InvalidInput("bitmap has no data: set byte_data or shared_memory_handle")
         check_size(request.width, request.height)
@@ -74,7 +81,7 @@ class InferenceService:
                     policy = _FULL  # the caller's segment always gets the full-size mask
                     mask_w, mask_h = model.predictor.mask_size(request.width, request.height)
                     mask = frames.enter_context(self.shm.mask_target(request.mask_shm, mask_w * mask_h * 3))
-                with model.gate.slot(self.clock) as waited:
+                with model.gate.slot(self.clock, caller) as waited:
                     detection = model.predictor.predict(image, None if mask is None else mask.buffer.data, policy)
                 if mask is not None and detection.has_mask:
                     mask.commit(detection.mask)  # the rendered buffer, or a mask the model made itself

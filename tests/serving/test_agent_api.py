@@ -97,13 +97,16 @@ def test_status_codes(make_package, agent_factory, pb, pb_modules):
         assert code == fp and "STOPPED" in details
         assert code_of(stub.StopModel, pb.StopModelRequest(model_component="widget"))[0] == fp
 
-        # STARTING (the load is held): start, stop and detect are refused.
+        # STARTING (the load is held): start and detect are refused; stop cancels the load.
         runtime.load_gate = threading.Event()
         assert stub.StartModel(pb.StartModelRequest(model_component="widget")).status == pb.STARTING
         code, details = code_of(stub.StartModel, pb.StartModelRequest(model_component="widget"))
         assert code == fp and "STARTING" in details
-        assert code_of(stub.StopModel, pb.StopModelRequest(model_component="widget"))[0] == fp
         assert code_of(detect, stub, pb, "widget", image)[0] == fp
+        assert stub.StopModel(pb.StopModelRequest(model_component="widget")).status == pb.STOPPED
+        desc = stub.DescribeModel(pb.DescribeModelRequest(model_component="widget")).model_description
+        assert desc.status == pb.STOPPED and "cancelled" in desc.status_message
+        assert stub.StartModel(pb.StartModelRequest(model_component="widget")).status == pb.STARTING
         runtime.load_gate.set()
         assert wait_status(stub, pb, "widget", pb.RUNNING).status == pb.RUNNING
         code, details = code_of(stub.StartModel, pb.StartModelRequest(model_component="widget"))

@@ -15,8 +15,23 @@ import grpc
 
 from agent.config import AgentConfig
 from agent.errors import ConfigError
+from agent.serving.grpc.guard import RequestGuard
 
 log = logging.getLogger(__name__)
+
+#: Workers kept out of DetectAnomalies' reach, so StartModel, StopModel, DescribeModel, ListModels and
+#: health checks are answered at once however many inference calls wait (at most half the pool).
+RESERVED_WORKERS = 4
+#: grpc refuses calls beyond GrpcWorkers x this (RESOURCE_EXHAUSTED, before reading their bodies): a
+#: backstop so a flood can't pile request bodies up in grpc's executor queue without limit.
+RPC_BACKLOG_FACTOR = 8
+
+
+def detect_capacity(config: AgentConfig) -> int:
+    """How many DetectAnomalies calls the agent admits at once (running or queued), over all models:
+    every one of them holds a gRPC worker, and a few workers stay free for everything else."""
+    reserved = min(RESERVED_WORKERS, config.grpc_workers // 2)
+    return max(1, config.grpc_workers - reserved)
 
 
 def clear_stale_socket(path: Path) -> None:
@@ -52,7 +67,10 @@ def _group_id(group: str) -> int:
         raise ConfigError(f"socket group {group!r} does not exist") from None
 
 
-def build_server(config: AgentConfig, interceptors: Sequence[grpc.ServerInterceptor] = ()) -> grpc.Server:
+def build_server(config: AgentConfig, interceptors: Sequence[grpc.ServerInterceptor] = (),
+                 guard: RequestGuard | None = None) -> grpc.Server:
+    """The gRPC server; `guard` (innermost interceptor, one is made if not given) gives every method a
+    request deserializer that never raises, and tells shutdown when the server is quiet."""
     options = [
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
@@ -60,7 +78,8 @@ def build_server(config: AgentConfig, interceptors: Sequence[grpc.ServerIntercep
         ("grpc.so_reuseport", 0),
     ]
     return grpc.server(futures.ThreadPoolExecutor(max_workers=config.grpc_workers, thread_name_prefix="grpc"),
-                       interceptors=list(interceptors), options=options)
+                       interceptors=[*interceptors, guard or RequestGuard()], options=options,
+                       maximum_concurrent_rpcs=config.grpc_workers * RPC_BACKLOG_FACTOR)
 
 
 def bind(server: grpc.Server, config: AgentConfig) -> list[str]:

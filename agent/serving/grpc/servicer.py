@@ -16,6 +16,7 @@ from agent.core.pipeline import Detection
 from agent.errors import AgentError, InvalidInput
 from agent.serving.grpc._generated import edge_agent_pb2 as pb
 from agent.serving.grpc._generated import edge_agent_pb2_grpc as pb_grpc
+from agent.serving.grpc.guard import Undecodable, abort_undecodable, tolerant
 from agent.serving.grpc.status import grpc_status
 from agent.serving.grpc.wire import InlineMaskResponse, serialize_detect_response
 
@@ -28,6 +29,8 @@ def _rpc(method: Handler) -> Handler:
 
     @functools.wraps(method)
     def wrapper(self: EdgeAgentServicer, request: Any, context: grpc.ServicerContext) -> Any:
+        if isinstance(request, Undecodable):
+            abort_undecodable(request, context)
         try:
             return method(self, request, context)
         except AgentError as exc:
@@ -98,7 +101,7 @@ class EdgeAgentServicer(pb_grpc.EdgeAgentServicer):
     @_rpc
     def DetectAnomalies(self, request: pb.DetectAnomaliesRequest, context: grpc.ServicerContext) -> Any:
         req = to_request(request)
-        return to_response(self.inference.detect(req), req.mask_shm)
+        return to_response(self.inference.detect(req, context), req.mask_shm)
 
     @_rpc
     def StartModel(self, request: pb.StartModelRequest, context: grpc.ServicerContext) -> Any:
@@ -120,9 +123,11 @@ class EdgeAgentServicer(pb_grpc.EdgeAgentServicer):
 
 def add_to_server(servicer: EdgeAgentServicer, server: grpc.Server) -> None:
     """The generated add_EdgeAgentServicer_to_server, except that DetectAnomalies' responses go through
-    serialize_detect_response (so an InlineMaskResponse can be returned). Same service, methods, types."""
+    serialize_detect_response (so an InlineMaskResponse can be returned), and that request bodies that don't
+    decode become INVALID_ARGUMENT (guard.py says why). Same service, methods, types."""
     def unary(method: Callable[..., Any], request: Any, serialize: Callable[[Any], bytes]) -> grpc.RpcMethodHandler:
-        return grpc.unary_unary_rpc_method_handler(method, request_deserializer=request.FromString,
+        decode = tolerant(request.FromString, request.DESCRIPTOR.full_name)
+        return grpc.unary_unary_rpc_method_handler(method, request_deserializer=decode,
                                                    response_serializer=serialize)
 
     handlers = {
