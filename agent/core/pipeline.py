@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol, Union
 
 import numpy as np
 from PIL import Image
@@ -25,6 +26,18 @@ from agent.errors import InferenceFailed, ModelLoadError
 from agent.runtime.base import RuntimeSession
 
 Clock = Callable[[], float]
+
+
+class MaskRows(Protocol):
+    """Where a full-size mask can go as its distinct rows plus how often each repeats (e.g.
+    frames.MaskTarget, which writes them into a client's segment with pwritev): a nearest-neighbour
+    upscale repeats every model row many times, so the full-size mask is never built."""
+
+    def write_rows(self, rows: np.ndarray, runs: Sequence[int]) -> None: ...
+
+
+#: Predictor.predict's mask_out: a writable buffer to render into, or a MaskRows.
+MaskOut = Union[memoryview, MaskRows]
 #: DDA's fixed ImageNet statistics (basic_preprocessor.py), float32 (3,1,1) as DDA computes with them.
 _DDA_MEAN = np.array([[[0.485]], [[0.456]], [[0.406]]], dtype=np.float32)
 _DDA_STD = np.array([[[0.229]], [[0.224]], [[0.225]]], dtype=np.float32)
@@ -203,13 +216,13 @@ class Predictor:
         chw += self._bias
         return tensor if self.input_dtype == np.float32 else tensor.astype(self.input_dtype)
 
-    def predict(self, image: np.ndarray, mask_out: memoryview | None = None,
+    def predict(self, image: np.ndarray, mask_out: MaskOut | None = None,
                 policy: MaskPolicy | None = None) -> Detection:
         """image: HxWx3 uint8 RGB (any strides). Raises InferenceFailed when the runtime fails.
 
-        mask_out: a writable buffer of at least mask_size()'s W*H*3 bytes (e.g. the client's shared-memory
-        mask segment): the full-size mask is rendered straight into it (`Detection.mask` stays None,
-        `mask_in_buffer` is True). Otherwise `policy` (default: MaskPolicy()) decides the inline mask."""
+        mask_out: a writable buffer of at least mask_size()'s W*H*3 bytes, into which the full-size mask
+        is rendered, or a MaskRows, which gets its rows (`Detection.mask` stays None, `mask_in_buffer` is
+        True either way). Otherwise `policy` (default: MaskPolicy()) decides the inline mask."""
         t0 = self.clock()
         tensor = self.preprocess(image)
         t1 = self.clock()
@@ -231,7 +244,7 @@ class Predictor:
         return detection
 
     def postprocess(self, out: Mapping[str, np.ndarray], width: int, height: int,
-                    mask_out: memoryview | None = None, policy: MaskPolicy | None = None) -> Detection:
+                    mask_out: MaskOut | None = None, policy: MaskPolicy | None = None) -> Detection:
         score, class_mask = self._dda_outputs(out) if self._dda else self._outputs_by_kind(out)
         if not math.isfinite(score):
             raise ValueError(f"score is {score}")
@@ -331,7 +344,7 @@ class Predictor:
         return float(1.0 - probs[self._class_normal[self._class_normal < probs.size]].sum())
 
     def _mask_out(self, detection: Detection, class_mask: np.ndarray, counts: np.ndarray, width: int, height: int,
-                  mask_out: memoryview | None, policy: MaskPolicy) -> None:
+                  mask_out: MaskOut | None, policy: MaskPolicy) -> None:
         """Areas (at full size) and the mask: full size into mask_out, or inline at the policy's size."""
         total = float(width * height)
         # DDA lists every class present; the project's own kinds always list the background first.
@@ -342,8 +355,16 @@ class Predictor:
             for i in listed
         ]
         detection.mask_full_size = (width, height)
-        if mask_out is not None:
+        if isinstance(mask_out, memoryview):
             masks.render(class_mask, width, height, self._palette_rgb, self._resampler, mask_out)
+        elif mask_out is not None:
+            # Coloured at model height and full width; masks.render's row runs, left for the sink to repeat.
+            h, w = class_mask.shape
+            wide = class_mask if w == width else np.take(class_mask, masks.nearest_index(w, width, self._resampler),
+                                                         axis=1)
+            rows = np.take(self._palette_rgb, wide, axis=0).reshape(h, width * 3)
+            mask_out.write_rows(rows, masks.nearest_runs(h, height, self._resampler))
+        if mask_out is not None:
             detection.mask_in_buffer = True
             detection.mask_width, detection.mask_height = width, height
             return

@@ -61,3 +61,28 @@ def test_verdict_rule_and_classification_logic():
     assert override(False, defect_mask, "cls_or_seg", (0,)) is True
     assert override(False, normal_mask, "cls_or_seg", (0,)) is False
     assert override(False, {0, 2}, "seg_head", (0, 2)) is False  # normal pixel classes
+
+
+class _Rows:
+    """A MaskRows that keeps what it was given."""
+
+    def write_rows(self, rows: np.ndarray, runs) -> None:
+        self.full = np.repeat(rows, runs, axis=0)
+
+
+@pytest.mark.parametrize("kind,size", [("anomalib", (1920, 1080)), ("segmentation", (301, 97)),
+                                       ("segmentation", (64, 64))])
+def test_mask_rows_repeat_to_the_rendered_mask(model_files, make_package, kind, size):
+    from agent.core.pipeline import Predictor
+    from agent.runtime.onnx import OnnxRuntime, OnnxRuntimeOptions
+
+    package = make_package(kind)
+    predictor = Predictor(package, OnnxRuntime(OnnxRuntimeOptions()).load(package))
+    frame = np.random.default_rng(3).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    frame[size[1] // 4:size[1] // 2, size[0] // 3:size[0] // 2] = 255  # an anomaly for the tiny models
+    inline = predictor.predict(frame, policy=MaskPolicy(inline="full"))
+    sink = _Rows()
+    rows = predictor.predict(frame, mask_out=sink)
+    assert rows.mask is None and rows.mask_in_buffer and inline.mask is not None
+    np.testing.assert_array_equal(sink.full.reshape(size[1], size[0], 3), inline.mask)
+    assert rows.anomalies == inline.anomalies
