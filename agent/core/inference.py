@@ -28,7 +28,7 @@ class DetectRequest:
     model: str
     width: int
     height: int
-    data: bytes | None = None
+    data: bytes | memoryview | None = None  # RGB888 rows (a memoryview of the received request: no copy)
     shm: ShmHandle | None = None
     mask_shm: ShmHandle | None = None
 
