@@ -244,9 +244,9 @@ class MaskTarget:
             row_bytes = rows.nbytes // max(rows.shape[0], 1)
             nbytes = row_bytes * sum(runs)
             self._check_fits(nbytes)
-            flat = memoryview(rows.reshape(-1)).cast("B") if rows.size else memoryview(b"")
+            flat = rows.reshape(-1).data.cast("B") if rows.size else memoryview(b"")
             views = [flat[i * row_bytes:(i + 1) * row_bytes] for i in range(rows.shape[0])]
-            iovecs = [view for view, run in zip(views, runs) for _ in range(run)]
+            iovecs = [views[i] for i, run in enumerate(runs) for _ in range(run)]
             self._shm._pwritev(self._segment, iovecs, nbytes, self.handle)
             return
         data = self.buffer if mask is None else mask.reshape(-1)

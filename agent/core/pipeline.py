@@ -14,7 +14,7 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, Union
+from typing import Protocol
 
 import numpy as np
 from PIL import Image
@@ -35,9 +35,6 @@ class MaskRows(Protocol):
 
     def write_rows(self, rows: np.ndarray, runs: Sequence[int]) -> None: ...
 
-
-#: Predictor.predict's mask_out: a writable buffer to render into, or a MaskRows.
-MaskOut = Union[memoryview, MaskRows]
 #: DDA's fixed ImageNet statistics (basic_preprocessor.py), float32 (3,1,1) as DDA computes with them.
 _DDA_MEAN = np.array([[[0.485]], [[0.456]], [[0.406]]], dtype=np.float32)
 _DDA_STD = np.array([[[0.229]], [[0.224]], [[0.225]]], dtype=np.float32)
@@ -216,7 +213,7 @@ class Predictor:
         chw += self._bias
         return tensor if self.input_dtype == np.float32 else tensor.astype(self.input_dtype)
 
-    def predict(self, image: np.ndarray, mask_out: MaskOut | None = None,
+    def predict(self, image: np.ndarray, mask_out: memoryview | MaskRows | None = None,
                 policy: MaskPolicy | None = None) -> Detection:
         """image: HxWx3 uint8 RGB (any strides). Raises InferenceFailed when the runtime fails.
 
@@ -244,7 +241,7 @@ class Predictor:
         return detection
 
     def postprocess(self, out: Mapping[str, np.ndarray], width: int, height: int,
-                    mask_out: MaskOut | None = None, policy: MaskPolicy | None = None) -> Detection:
+                    mask_out: memoryview | MaskRows | None = None, policy: MaskPolicy | None = None) -> Detection:
         score, class_mask = self._dda_outputs(out) if self._dda else self._outputs_by_kind(out)
         if not math.isfinite(score):
             raise ValueError(f"score is {score}")
@@ -344,7 +341,7 @@ class Predictor:
         return float(1.0 - probs[self._class_normal[self._class_normal < probs.size]].sum())
 
     def _mask_out(self, detection: Detection, class_mask: np.ndarray, counts: np.ndarray, width: int, height: int,
-                  mask_out: MaskOut | None, policy: MaskPolicy) -> None:
+                  mask_out: memoryview | MaskRows | None, policy: MaskPolicy) -> None:
         """Areas (at full size) and the mask: full size into mask_out, or inline at the policy's size."""
         total = float(width * height)
         # DDA lists every class present; the project's own kinds always list the background first.
