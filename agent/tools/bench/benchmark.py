@@ -2,9 +2,11 @@
 
 For every model × frame size × concurrency it measures, on the same frames:
 
-* ``floor``  — in-process: the agent's own :class:`~agent.pipeline.Predictor` (pre-processing, the
-  ONNX Runtime session built with the agent's runtime options, post-processing incl. the mask), called
-  from N threads; no transport;
+* ``floor``  — in-process: the agent's own :class:`~agent.pipeline.Predictor` with the *reference*
+  pre-processing (Pillow bilinear resize with reducing_gap 3.0, /255, NCHW: ``fast_reduce=False``, so
+  the agent's faster reduction of large frames shows as a gain, not a lower floor), the ONNX Runtime
+  session built with the agent's runtime options, post-processing incl. the mask; called from N
+  threads; no transport;
 * ``bytes``  — a real agent (``python -m agent serve`` in a child process) over its Unix socket,
   frame in ``byte_data``, mask back inline (what every existing LFV client does);
 * ``shm``    — the same agent, frame in a client-owned POSIX shared-memory segment and the mask
@@ -398,7 +400,8 @@ def run_bench(out_dir: Path, *, models: tuple[str, ...] = MODELS, frames: tuple[
 
             for model in models:
                 package = load_package(models_dir / model)
-                predictor = Predictor(package, runtime.load(package))
+                # The reference pipeline (Pillow alone), whatever faster path the agent itself takes.
+                predictor = Predictor(package, runtime.load(package), fast_reduce=False)
                 predictor.warmup(2, np.random.default_rng(0))
                 for frame_name in frames:
                     frame = make_frame(*FRAMES[frame_name])
