@@ -91,20 +91,20 @@ def test_mask_rows_repeat_to_the_rendered_mask(model_files, make_package, kind, 
 def _textures(width: int, height: int) -> dict[str, np.ndarray]:
     """Frames that stress a resize: noise, fine stripes, a checkerboard, hard-edged shapes, a gradient."""
     rng = np.random.default_rng(width + height)
-    y, x = np.mgrid[0:height, 0:width]
+    y, x = np.ogrid[0:height, 0:width]
     stripes = ((x // 1 + y // 3) % 2 * 255).astype(np.uint8)
     checker = (((x // 7) + (y // 5)) % 2 * 255).astype(np.uint8)
     shapes = np.full((height, width, 3), 30, np.uint8)
     shapes[height // 5:height // 2, width // 7:width // 3] = (250, 10, 120)
     shapes[(x - width * 0.7) ** 2 + (y - height * 0.6) ** 2 < (height * 0.2) ** 2] = (0, 255, 255)
-    gradient = np.stack([x * 255 // max(width - 1, 1), y * 255 // max(height - 1, 1),
-                         (x + y) % 256], axis=-1).astype(np.uint8)
+    gradient = np.stack(np.broadcast_arrays(x * 255 // max(width - 1, 1), y * 255 // max(height - 1, 1),
+                                            (x + y) % 256), axis=-1).astype(np.uint8)
     return {"noise": rng.integers(0, 256, (height, width, 3), dtype=np.uint8),
             "stripes": np.repeat(stripes[..., None], 3, axis=2), "checker": np.repeat(checker[..., None], 3, axis=2),
             "shapes": shapes, "gradient": gradient}
 
 
-@pytest.mark.parametrize("frame,size", [((4096, 4096), (224, 224)), ((3840, 2160), (256, 256)),
+@pytest.mark.parametrize("frame,size", [((1500, 1500), (64, 64)), ((1283, 721), (56, 40)),
                                         ((1001, 703), (64, 48)), ((2000, 1100), (224, 224)),
                                         ((1920, 1080), (224, 224)), ((640, 480), (224, 224))])
 def test_fast_reduce_is_within_one_grey_level_of_pillow(frame, size):
@@ -118,7 +118,9 @@ def test_fast_reduce_is_within_one_grey_level_of_pillow(frame, size):
         theirs = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0))
         diff = np.abs(ours - theirs)
         assert diff.max() <= 1, (name, diff.max())
-        if name not in ("stripes", "checker"):  # 0/255 patterns make many block means exact halves: 1 off
+        # Regular patterns (0/255 stripes and checkers, ramps) hit OpenCV's and Pillow's different rounding
+        # of block means often (up to most values 1 off); noise and flat shapes rarely.
+        if name in ("noise", "shapes"):
             assert diff.mean() < 0.1, (name, diff.mean())
         if fx * fy < FAST_REDUCE_MIN_PIXELS:
             assert diff.max() == 0, name  # Pillow itself does it
@@ -155,7 +157,7 @@ def test_predictor_reference_and_fast_reduce_tensors(model_files, make_package):
     package = make_package("anomalib")
     session = OnnxRuntime(OnnxRuntimeOptions()).load(package)
     fast, reference = Predictor(package, session), Predictor(package, session, fast_reduce=False)
-    image = _textures(4096, 4096)["shapes"]
+    image = _textures(2100, 2100)["shapes"]  # a 3x3 reduction to 224x224
     resized = np.asarray(Image.fromarray(image).resize(reference.size, Image.Resampling.BILINEAR, reducing_gap=3.0))
     expected = (resized.transpose(2, 0, 1)[None].astype(np.float32) * reference._scale + reference._bias)
     np.testing.assert_allclose(reference.preprocess(image), expected, rtol=0, atol=1e-6)
