@@ -495,9 +495,12 @@ def markdown(report: Report) -> str:
     lines = [
         "# Benchmarks",
         "",
-        "What the agent adds on top of running the model itself. **floor** = the agent's own `Predictor` "
-        "(pre-processing + ONNX Runtime session with the agent's runtime options + post-processing incl. mask "
-        "rendering) called in-process from N threads; **bytes** = the agent (`edge-agent serve` in its own "
+        "What the agent adds on top of running the model itself. **floor** = the reference pipeline: the "
+        "agent's own `Predictor` with the reference pre-processing (Pillow bilinear resize with reducing_gap "
+        "3.0, /255, NCHW; `fast_reduce=False`) + ONNX Runtime session with the agent's runtime options + "
+        "post-processing incl. mask rendering, called in-process from N threads. The agent itself reduces "
+        "large frames faster than that reference (within 1 grey level, docs/benchmarks-notes.md), so for "
+        "large frames a ratio below 1.0 is a real gain over the reference; **bytes** = the agent (`edge-agent serve` in its own "
         "process) over its Unix socket, frame in `byte_data`, mask back inline; **shm** = frame in a client "
         "POSIX shared-memory segment, mask written into a second one; **grpcio-bytes / grpcio-shm** = the same "
         "requests to the agent's gRPC server with no model behind it (`agent.tools.bench.transport`: parses the "
