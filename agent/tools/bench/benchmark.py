@@ -495,17 +495,17 @@ def markdown(report: Report) -> str:
     lines = [
         "# Benchmarks",
         "",
-        "What the agent adds on top of running the model itself. **floor** = the reference pipeline: the "
-        "agent's own `Predictor` with the reference pre-processing (Pillow bilinear resize with reducing_gap "
-        "3.0, /255, NCHW; `fast_reduce=False`) + ONNX Runtime session with the agent's runtime options + "
-        "post-processing incl. mask rendering, called in-process from N threads. The agent itself reduces "
-        "large frames faster than that reference (within 1 grey level, docs/benchmarks-notes.md), so for "
-        "large frames a ratio below 1.0 is a real gain over the reference; **bytes** = the agent "
-        "(`edge-agent serve` in its own process) over its Unix socket, frame in `byte_data`, mask back "
-        "inline; **shm** = frame in a client POSIX shared-memory segment, mask written into a second one; **grpcio-bytes / grpcio-shm** = the same "
-        "requests to the agent's gRPC server with no model behind it (`agent.tools.bench.transport`: parses the "
-        "request, answers with a canned result of the same size), i.e. the transport alone. Clients are "
-        "threads of the benchmark process, one channel each, requests built once. The modes of one row group "
+        "What the agent adds on top of running the model itself. **floor** = the reference pipeline: the agent's "
+        "own `Predictor` with the reference pre-processing (Pillow bilinear resize with reducing_gap 3.0, /255, "
+        "NCHW; `fast_reduce=False`) + ONNX Runtime session with the agent's runtime options + post-processing "
+        "incl. mask rendering, called in-process from N threads. The agent itself reduces large frames faster "
+        "than that reference (within 1 grey level, docs/benchmarks-notes.md), so for large frames a ratio below "
+        "1.0 is a real gain over the reference; **bytes** = the agent (`edge-agent serve` in its own process) "
+        "over its Unix socket, frame in `byte_data`, mask back inline; **shm** = frame in a client POSIX "
+        "shared-memory segment, mask written into a second one; **grpcio-bytes / grpcio-shm** = the same requests"
+        " to the agent's gRPC server with no model behind it (`agent.tools.bench.transport`: parses the request, "
+        "answers with a canned result of the same size), i.e. the transport alone. Clients are threads of the "
+        "benchmark process, one channel each, requests built once. The modes of one row group "
         f"run interleaved ({report.settings['rounds']} rounds), so the ratios come from the same minutes of a "
         "shared machine: **read the ratios; absolute times are context only.**",
         "",
