@@ -21,14 +21,13 @@ Not part of CI: it installs packages from PyPI. tests/tools/test_bench_peers.py 
 from __future__ import annotations
 
 import argparse
-import hashlib
+import functools
 import json
 import math
 import os
 import socket
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -43,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[3]
 MODELS = ("tiny", "patchcore")
 FRAME = (640, 480)
 #: Requests per (model, clients) configuration and mode, before --scale; PatchCore-size runs ~10x longer.
-REQUESTS = {"tiny": 160, "patchcore": 40}
+REQUESTS = {"tiny": 300, "patchcore": 60}
 BEGIN = "<!-- bench-peers:begin (written by scripts/bench-peers) -->"
 END = "<!-- bench-peers:end -->"
 V2_SERVICE = "inference.GRPCInferenceService"
@@ -127,10 +126,11 @@ def installed_versions(python: Path, names: Sequence[str]) -> dict[str, str]:
 
 # -- the V2 (Open Inference Protocol) wire, just what the client needs ----------------------------------
 
-def v2_messages() -> tuple[Any, Any]:
-    """ModelInferRequest / ModelInferResponse classes, built from descriptors (field numbers as in KServe's and
-    Triton's grpc_service.proto; `parameters` and typed `contents` left out: unknown fields are skipped), so the
-    client needs no generated stubs and no peer package."""
+@functools.lru_cache(maxsize=None)  # noqa: UP033  (functools.cache is 3.9+)
+def _v2_classes() -> dict[str, Any]:
+    """ModelInfer and ServerMetadata request / response classes, built from descriptors (field numbers as in
+    KServe's and Triton's grpc_service.proto; `parameters` and typed `contents` left out: unknown fields are
+    skipped), so the client needs no generated stubs and no peer package."""
     from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
     f = descriptor_pb2.FieldDescriptorProto
@@ -164,11 +164,29 @@ def v2_messages() -> tuple[Any, Any]:
     add(resp, "id", 3, f.TYPE_STRING)
     add(resp, "outputs", 5, f.TYPE_MESSAGE, True, ".inference.ModelInferResponse.InferOutputTensor")
     add(resp, "raw_output_contents", 6, f.TYPE_BYTES, repeated=True)
+    fdp.message_type.add(name="ServerMetadataRequest")
+    meta = fdp.message_type.add(name="ServerMetadataResponse")
+    add(meta, "name", 1, f.TYPE_STRING)
+    add(meta, "version", 2, f.TYPE_STRING)
     pool = descriptor_pool.DescriptorPool()
     pool.Add(fdp)
     get = message_factory.GetMessageClass
-    return (get(pool.FindMessageTypeByName("inference.ModelInferRequest")),
-            get(pool.FindMessageTypeByName("inference.ModelInferResponse")))
+    names = ("ModelInferRequest", "ModelInferResponse", "ServerMetadataRequest", "ServerMetadataResponse")
+    return {name: get(pool.FindMessageTypeByName(f"inference.{name}")) for name in names}
+
+
+def v2_messages() -> tuple[Any, Any]:
+    classes = _v2_classes()
+    return classes["ModelInferRequest"], classes["ModelInferResponse"]
+
+
+def server_metadata(channel: Any) -> str:
+    """"name version" as the running server reports it (V2 ServerMetadata): the version that actually serves."""
+    classes = _v2_classes()
+    call = channel.unary_unary(f"/{V2_SERVICE}/ServerMetadata", request_serializer=lambda m: m.SerializeToString(),
+                               response_deserializer=classes["ServerMetadataResponse"].FromString)
+    reply = call(classes["ServerMetadataRequest"](), timeout=30)
+    return f"{reply.name} {reply.version}".strip()
 
 
 _DTYPES = {"FP32": np.float32, "BOOL": np.bool_, "UINT8": np.uint8, "INT64": np.int64, "FP64": np.float64}
@@ -189,7 +207,7 @@ def v2_outputs(response: Any) -> dict[str, np.ndarray]:
     if len(response.raw_output_contents) != len(response.outputs):
         raise ValueError(f"{len(response.outputs)} outputs but {len(response.raw_output_contents)} raw contents")
     out = {}
-    for spec, raw in zip(response.outputs, response.raw_output_contents):
+    for spec, raw in zip(response.outputs, response.raw_output_contents):  # noqa: B905 (lengths checked above)
         out[spec.name] = np.frombuffer(raw, dtype=_DTYPES[spec.datatype]).reshape(tuple(spec.shape))
     return out
 
@@ -511,8 +529,9 @@ def run_peers(out_dir: Path, *, peers: Sequence[str], models: Sequence[str] = MO
     config = AgentConfig.from_sources(cli={"execution_providers": "cpu"})
     runtime_options = {"providers": list(config.execution_providers), "intra_op_threads": config.intra_op_threads,
                        "inter_op_threads": config.inter_op_threads, "allow_spinning": config.intra_op_spinning}
-    report = PeerReport(machine_info(), {"models": list(models), "clients": list(concurrency), "frame": "%dx%d" % FRAME,
-                                         "scale": scale, "cap_s": cap_s, "rounds": rounds, "peers": list(peers),
+    report = PeerReport(machine_info(), {"models": list(models), "clients": list(concurrency),
+                                         "frame": f"{FRAME[0]}x{FRAME[1]}", "scale": scale, "cap_s": cap_s,
+                                         "rounds": rounds, "peers": list(peers),
                                          "runtime": runtime_options})
     usable: list[Peer] = []
     for key in peers:
@@ -575,6 +594,10 @@ def run_peers(out_dir: Path, *, peers: Sequence[str], models: Sequence[str] = MO
                     raise RuntimeError(f"{peer.key} listens beyond loopback: {bad}")
                 request_cls, response_cls = v2_messages()
                 ch = stack.enter_context(grpc.insecure_channel(r.target))
+                try:
+                    r.versions["server reports"] = server_metadata(ch)
+                except grpc.RpcError as exc:
+                    r.versions["server reports"] = f"(ServerMetadata failed: {exc.code().name})"
                 got = {m: v2_outputs(v2_caller(ch, response_cls, v2_request(request_cls, m, frame))())
                        for m in models}
                 identical = {m: compare(expected[m], got[m]) for m in models}
@@ -594,15 +617,15 @@ def run_peers(out_dir: Path, *, peers: Sequence[str], models: Sequence[str] = MO
                     with ExitStack() as cstack:
                         request_cls, response_cls = v2_messages()
                         modes: dict[str, list[Callable[[], Any]]] = {
-                            "floor": [lambda m=m: infer(predictors[m], frame) for _ in range(clients)],
+                            "floor": [functools.partial(infer, predictors[m], frame) for _ in range(clients)],
                             "agent-bytes": [], "agent-shm": []}
                         for r in running:
                             modes[r.key] = []
                         for i in range(clients):
                             s = pb_grpc.EdgeAgentStub(cstack.enter_context(agent_channel(socket_uri)))
                             inline, via_shm = detect_requests(cstack, m, frame, f"/ebp-{os.getpid()}-{m}-{clients}-{i}")
-                            modes["agent-bytes"].append(lambda s=s, q=inline: s.DetectAnomalies(q, timeout=300))
-                            modes["agent-shm"].append(lambda s=s, q=via_shm: s.DetectAnomalies(q, timeout=300))
+                            modes["agent-bytes"].append(functools.partial(s.DetectAnomalies, inline, timeout=300))
+                            modes["agent-shm"].append(functools.partial(s.DetectAnomalies, via_shm, timeout=300))
                             for r in running:
                                 ch = cstack.enter_context(grpc.insecure_channel(r.target))
                                 modes[r.key].append(v2_caller(ch, response_cls, v2_request(request_cls, m, frame)))
@@ -656,7 +679,7 @@ def markdown(report: PeerReport, plot_name: str | None = "benchmarks-peers.png")
         "| server | versions | cold start s | RSS after the run MB | outputs | how it serves |",
         "|---|---|---|---|---|---|",
     ]
-    for key, info in report.servers.items():
+    for info in report.servers.values():
         versions = ", ".join(f"{k} {v}" for k, v in sorted(info.get("versions", {}).items()))
         same = "identical" if not any(info.get("identical", {}).values()) else "**differ**"
         rss = info.get("rss_mb", math.nan)
@@ -703,7 +726,7 @@ def insert_section(doc: str, section: str) -> str:
     if BEGIN in doc and END in doc:
         head, rest = doc.split(BEGIN, 1)
         tail = rest.split(END, 1)[1]
-        return head + block + tail.lstrip("\n")
+        return head + block + (tail[1:] if tail.startswith("\n") else tail)  # the block brings its own newline
     anchor = "## How to run"
     if anchor in doc:
         head, tail = doc.split(anchor, 1)
