@@ -197,3 +197,14 @@ def test_the_table_goes_into_benchmarks_md_and_is_replaced_on_the_next_run(tmp_p
     assert again.count(peers.BEGIN) == 1 and again.count("## Peers") == 1 and "| 6.00 | 6.00 | 200.0 | 3.00 |" in again
     assert again.split(peers.BEGIN)[0] == text.split(peers.BEGIN)[0]
     assert again.split(peers.END)[1] == text.split(peers.END)[1]
+
+
+def test_rewrite_puts_the_section_back_from_the_saved_report(tmp_path: Path) -> None:
+    peers.write_report(_report(), tmp_path, plot=False)
+    section = (tmp_path / "benchmarks-peers.md").read_text()
+    # what scripts/bench does: benchmarks.md written anew, without the section
+    (tmp_path / "benchmarks.md").write_text("# Benchmarks\n\nnew run\n\n## How to run\n\nscripts/bench\n")
+    assert peers.main(["--out", str(tmp_path), "--rewrite"]) == 0
+    text = (tmp_path / "benchmarks.md").read_text()
+    assert all(line in text for line in section.splitlines())  # (plus the plot, where matplotlib is installed)
+    assert text.index("new run") < text.index(peers.BEGIN) < text.index("## How to run")

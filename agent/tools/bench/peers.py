@@ -699,7 +699,15 @@ def markdown(report: PeerReport, plot_name: str | None = "benchmarks-peers.png")
             f"{r.ratio_p50:.2f}", f"{r.ratio_p90:.2f}", f"{r.ratio_throughput:.2f}")
         lines.append(f"| {r.model} | {r.clients} | {_title(report, r.mode)} | {r.requests}{'*' if r.capped else ''} "
                      f"| {r.p50_ms:.2f} | {r.p90_ms:.2f} | {r.throughput:.1f} | {ratio[0]} | {ratio[1]} | {ratio[2]} |")
-    lines += ["", "`*` = the time cap ended the mode before its request count."]
+    lines += [
+        "",
+        "`*` = the time cap ended the mode before its request count.",
+        "",
+        "All three peers run the Predictor in Python, as the agent does: Triton itself is not on PyPI (`tritonserver` "
+        "there is a 1.5 kB placeholder whose setup.py points to NGC containers), and PyTriton's wheel bundles a real "
+        "`tritonserver` with the python backend only (no onnxruntime backend), so Triton hands each request to the "
+        "PyTriton process that runs the Predictor. What differs between the rows is each server's transport, "
+        "request decoding and threading, which is what this comparison is about."]
     if report.failed:
         lines += ["", "Not in the table:", ""]
         for key, why in report.failed.items():
@@ -743,6 +751,13 @@ def write_report(report: PeerReport, out_dir: Path, *, plot: bool = True) -> Non
     doc_path = out_dir / "benchmarks.md"
     doc = doc_path.read_text() if doc_path.exists() else "# Benchmarks\n"
     doc_path.write_text(insert_section(doc, section))
+
+
+def load_report(path: Path) -> PeerReport:
+    """A report as write_report saved it (benchmarks-peers.json)."""
+    data = json.loads(path.read_text())
+    rows = [Row(**r) for r in data.pop("rows")]
+    return PeerReport(**data, rows=rows)
 
 
 def _plot(report: PeerReport, path: Path) -> bool:
@@ -801,7 +816,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds per configuration (default 2)")
     p.add_argument("--cache", type=Path, default=None, help=f"virtualenvs (default {default_cache()})")
     p.add_argument("--no-build", action="store_true", help="use the virtualenvs as they are")
+    p.add_argument("--rewrite", action="store_true", help="measure nothing: write the section again from "
+                   "benchmarks-peers.json (e.g. after scripts/bench has rewritten benchmarks.md)")
     args = p.parse_args(argv)
+    if args.rewrite:
+        write_report(load_report(args.out / "benchmarks-peers.json"), args.out)
+        print(f"wrote the Peers section of {args.out / 'benchmarks.md'} from benchmarks-peers.json")
+        return 0
     bad = [k for k in args.peers if k not in PEERS] + [m for m in args.models if m not in MODELS]
     if bad:
         p.error(f"unknown peer/model {bad}")
