@@ -163,7 +163,8 @@ def test_a_built_virtualenv_is_reused_while_its_pins_are_unchanged(tmp_path: Pat
 
 def _report() -> peers.PeerReport:
     report = peers.PeerReport({"cpu": "TestCPU", "usable_cores": 2, "memory": "1 GiB", "os": "Linux", "python": "3"},
-                              {"frame": "640x480", "rounds": 2, "cap_s": 8.0, "scale": 1.0})
+                              {"frame": "640x480", "rounds": 2, "cap_s": 8.0, "scale": 1.0,
+                               "peers": ["kserve", "mlserver"]})
     report.rows = [peers.Row("tiny", 1, "floor", 10, 2.0, 3.0, 4.0, 400.0),
                    peers.Row("tiny", 1, "agent-bytes", 10, 4.0, 6.0, 8.0, 200.0),
                    peers.Row("tiny", 1, "kserve", 10, 8.0, 9.0, 12.0, 100.0, capped=True)]
@@ -187,6 +188,7 @@ def test_the_table_goes_into_benchmarks_md_and_is_replaced_on_the_next_run(tmp_p
     assert "| tiny | 1 | edge-agent, byte_data | 10 | 4.00 | 6.00 | 200.0 | 2.00 | 2.00 | 0.50 |" in text
     assert "| tiny | 1 | KServe 0.21.0 | 10* | 8.00 | 9.00 | 100.0 | 4.00 | 3.00 | 0.25 |" in text
     assert "| KServe 0.21.0 | kserve 0.21.0 | 2.80 | — | identical | patched |" in text
+    assert "Peers asked for: KServe 0.21.0, MLServer 1.7.1. Not in the table" in text
     assert "- **MLServer 1.7.1**: install: pip failed (1): no matching distribution" in text
     assert json.loads((tmp_path / "benchmarks-peers.json").read_text())["rows"][1]["ratio_p50"] == 2.0
 

@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[3]
 MODELS = ("tiny", "patchcore")
 FRAME = (640, 480)
 #: Requests per (model, clients) configuration and mode, before --scale; PatchCore-size runs ~10x longer.
-REQUESTS = {"tiny": 300, "patchcore": 60}
+REQUESTS = {"tiny": 400, "patchcore": 150}
 BEGIN = "<!-- bench-peers:begin (written by scripts/bench-peers) -->"
 END = "<!-- bench-peers:end -->"
 V2_SERVICE = "inference.GRPCInferenceService"
@@ -501,7 +501,7 @@ def interleaved(modes: dict[str, list[Callable[[], Any]]], total: int, cap_s: fl
 
 
 def run_peers(out_dir: Path, *, peers: Sequence[str], models: Sequence[str] = MODELS,
-              concurrency: Sequence[int] = (1, 4), scale: float = 1.0, cap_s: float = 8.0, rounds: int = 2,
+              concurrency: Sequence[int] = (1, 4), scale: float = 1.0, cap_s: float = 15.0, rounds: int = 3,
               cache: Path | None = None, build: bool = True, write: bool = True,
               log: Callable[[str], None] = print) -> PeerReport:
     import grpc
@@ -708,10 +708,14 @@ def markdown(report: PeerReport, plot_name: str | None = "benchmarks-peers.png")
         "`tritonserver` with the python backend only (no onnxruntime backend), so Triton hands each request to the "
         "PyTriton process that runs the Predictor. What differs between the rows is each server's transport, "
         "request decoding and threading, which is what this comparison is about."]
+    asked = ", ".join(PEERS[k].title if k in PEERS else k for k in s.get("peers", []))
     if report.failed:
-        lines += ["", "Not in the table:", ""]
+        lines += ["", f"Peers asked for: {asked}. Not in the table (install, start or output check failed):", ""]
         for key, why in report.failed.items():
             lines.append(f"- **{PEERS[key].title if key in PEERS else key}**: {why}")
+    else:
+        lines += ["", f"Peers asked for: {asked}; every one installed, started on loopback only and answered "
+                  "identically."]
     if plot_name:
         lines += ["", f"![p50 and p90 over the floor per server]({plot_name})"]
     lines += [
@@ -722,7 +726,9 @@ def markdown(report: PeerReport, plot_name: str | None = "benchmarks-peers.png")
         + ", plus the agent's own onnxruntime and Pillow versions), applies the workarounds each peer needs here "
         "(KServe's hard-coded `0.0.0.0`/`[::]` bind addresses patched to 127.0.0.1; PyTriton's python-backend stub "
         "gets `LD_LIBRARY_PATH` = the interpreter's libdir; MLServer `parallel_workers: 0`), refuses to measure a "
-        "server that listens beyond loopback, and rewrites this section. Needs PyPI; not part of CI.",
+        "server that listens beyond loopback, and rewrites this section. Needs PyPI; not part of CI. `scripts/bench` "
+        "rewrites benchmarks.md without this section: `scripts/bench-peers --rewrite` puts it back from "
+        "benchmarks-peers.json without measuring.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -812,8 +818,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", type=_csv, default=MODELS, help="comma list of tiny,patchcore")
     p.add_argument("--clients", type=lambda v: tuple(int(c) for c in _csv(v)), default=(1, 4))
     p.add_argument("--scale", type=float, default=1.0, help="multiply the request counts (default 1)")
-    p.add_argument("--cap", type=float, default=8.0, help="time cap per configuration and mode, s (default 8)")
-    p.add_argument("--rounds", type=int, default=2, help="interleaved rounds per configuration (default 2)")
+    p.add_argument("--cap", type=float, default=15.0, help="time cap per configuration and mode, s (default 15)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds per configuration (default 3)")
     p.add_argument("--cache", type=Path, default=None, help=f"virtualenvs (default {default_cache()})")
     p.add_argument("--no-build", action="store_true", help="use the virtualenvs as they are")
     p.add_argument("--rewrite", action="store_true", help="measure nothing: write the section again from "
