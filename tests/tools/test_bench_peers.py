@@ -210,3 +210,12 @@ def test_rewrite_puts_the_section_back_from_the_saved_report(tmp_path: Path) -> 
     text = (tmp_path / "benchmarks.md").read_text()
     assert all(line in text for line in section.splitlines())  # (plus the plot, where matplotlib is installed)
     assert text.index("new run") < text.index(peers.BEGIN) < text.index("## How to run")
+
+
+def test_a_row_group_whose_floor_ran_under_outside_load_is_flagged(tmp_path: Path) -> None:
+    report = _report()
+    assert "**noisy**" not in peers.markdown(report)  # floor p90 3.0 = 1.5x its p50
+    report.rows[0].p90_ms = 5.0
+    text = peers.markdown(report)
+    assert "| tiny | 1 | floor (in-process Predictor) — **noisy**: p90 2.5× p50 | 10 |" in text
+    assert "its p50 ratios can swing by 2× between runs" in text

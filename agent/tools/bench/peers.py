@@ -46,6 +46,8 @@ REQUESTS = {"tiny": 400, "patchcore": 150}
 BEGIN = "<!-- bench-peers:begin (written by scripts/bench-peers) -->"
 END = "<!-- bench-peers:end -->"
 V2_SERVICE = "inference.GRPCInferenceService"
+#: A floor whose p90 exceeds this multiple of its p50 ran under outside load; the table says so.
+NOISY = 2.0
 
 
 @dataclass(frozen=True)
@@ -688,20 +690,29 @@ def markdown(report: PeerReport, plot_name: str | None = "benchmarks-peers.png")
     lines += [
         "",
         "Cold start = process start until every model has answered its first request (the agent: spawn, "
-        "StartModel for each model, first DetectAnomalies). RSS = summed resident memory of the server's process "
+        "StartModel for each model, first DetectAnomalies); one start each, on a shared machine, so only "
+        "differences of 2× or more mean anything. RSS = summed resident memory of the server's process "
         "tree with both models loaded, after all the traffic (shared pages count once per process).",
         "",
         "| model | clients | server | n | p50 ms | p90 ms | req/s | p50 ×floor | p90 ×floor | req/s ×floor |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    noisy = False
     for r in report.rows:
         ratio = ("—", "—", "—") if r.mode == "floor" else (
             f"{r.ratio_p50:.2f}", f"{r.ratio_p90:.2f}", f"{r.ratio_throughput:.2f}")
-        lines.append(f"| {r.model} | {r.clients} | {_title(report, r.mode)} | {r.requests}{'*' if r.capped else ''} "
+        title = _title(report, r.mode)
+        if r.mode == "floor" and r.p90_ms > NOISY * r.p50_ms:
+            title += f" — **noisy**: p90 {r.p90_ms / r.p50_ms:.1f}× p50"
+            noisy = True
+        lines.append(f"| {r.model} | {r.clients} | {title} | {r.requests}{'*' if r.capped else ''} "
                      f"| {r.p50_ms:.2f} | {r.p90_ms:.2f} | {r.throughput:.1f} | {ratio[0]} | {ratio[1]} | {ratio[2]} |")
     lines += [
         "",
-        "`*` = the time cap ended the mode before its request count.",
+        "`*` = the time cap ended the mode before its request count."
+        + (f" **noisy**: the floor's p90 is more than {NOISY:g}× its p50, i.e. outside load (other work on the shared "
+           "machine) hit that group: its p50 ratios can swing by 2× between runs; read its throughput and p90 "
+           "columns." if noisy else ""),
         "",
         "All three peers run the Predictor in Python, as the agent does: Triton itself is not on PyPI (`tritonserver` "
         "there is a 1.5 kB placeholder whose setup.py points to NGC containers), and PyTriton's wheel bundles a real "
