@@ -25,6 +25,7 @@ import functools
 import json
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -764,7 +765,6 @@ def write_report(report: PeerReport, out_dir: Path, *, plot: bool = True) -> Non
     (out_dir / "benchmarks-peers.json").write_text(json.dumps(asdict(report), indent=1, allow_nan=True) + "\n")
     plotted = plot and _plot(report, out_dir / "benchmarks-peers.png")
     section = markdown(report, "benchmarks-peers.png" if plotted else None)
-    (out_dir / "benchmarks-peers.md").write_text(section)
     doc_path = out_dir / "benchmarks.md"
     doc = doc_path.read_text() if doc_path.exists() else "# Benchmarks\n"
     doc_path.write_text(insert_section(doc, section))
@@ -843,6 +843,9 @@ def main(argv: list[str] | None = None) -> int:
     bad = [k for k in args.peers if k not in PEERS] + [m for m in args.models if m not in MODELS]
     if bad:
         p.error(f"unknown peer/model {bad}")
+    # The servers run in sessions of their own (a terminal's Ctrl-C must not kill them mid-run); a SIGTERM to
+    # this process unwinds the ExitStack, which stops every one of them.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     report = run_peers(args.out, peers=args.peers, models=args.models, concurrency=args.clients, scale=args.scale,
                        cap_s=args.cap, rounds=args.rounds, cache=args.cache, build=not args.no_build)
     print(f"wrote the Peers section of {args.out / 'benchmarks.md'} ({report.wall_s:.0f} s); "
