@@ -9,7 +9,6 @@ import math
 import os
 import socket
 from collections.abc import Iterator
-from concurrent import futures
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,8 @@ from agent.core.package import build_package, load_package
 from agent.core.pipeline import Predictor
 from agent.tools.bench import peers
 from agent.tools.bench.benchmark import agent_process, detect_requests, make_frame, start_model, wait_ready
-from agent.tools.bench.peer_servers.common import INPUT, infer
+from agent.tools.bench.peer_servers.common import infer
+from agent.tools.bench.peer_servers.grpcio_v2 import V2Servicer, serve
 from agent.tools.modelgen import build_tiny
 
 FRAME = make_frame(160, 120)  # small: the pieces are what is tested, not the speed
@@ -45,44 +45,26 @@ def predictor(models_dir: Path) -> Predictor:
     return Predictor(package, onnx_runtime(AgentConfig.from_sources(cli={"execution_providers": "cpu"})).load(package))
 
 
-class V2Server:
-    """A V2 ModelInfer endpoint with grpcio's generic handlers, answering like the peer adapters do (raw tensors
-    from agent.tools.bench.peer_servers.common.infer): a real server for the client half of bench-peers."""
+class Tampered(V2Servicer):
+    """The reference server answering like MLServer does (1-D tensors get an extra axis), optionally with one
+    mask byte flipped: what the output check must accept, and what it must catch."""
 
-    def __init__(self, predictor: Predictor, tamper: bool = False) -> None:
-        self.predictor, self.tamper = predictor, tamper
-        self.request_cls, self.response_cls = peers.v2_messages()
+    def __init__(self, predictors: dict[str, Any], tamper: bool) -> None:
+        super().__init__(predictors)
+        self.tamper = tamper
 
-    def infer(self, request: Any, context: grpc.ServicerContext) -> Any:
-        spec = request.inputs[0]
-        assert spec.name == INPUT and spec.datatype == "UINT8"
-        frame = np.frombuffer(request.raw_input_contents[0], np.uint8).reshape(tuple(spec.shape))
-        outputs = infer(self.predictor, frame)
+    def outputs(self, model: str, frame: np.ndarray) -> dict[str, np.ndarray]:
+        out = {k: (v.reshape(1, -1) if v.ndim == 1 else v) for k, v in super().outputs(model, frame).items()}
         if self.tamper:
-            outputs["mask"] = outputs["mask"].copy()
-            outputs["mask"][0, 0, 0] ^= 1
-        response = self.response_cls(model_name=request.model_name)
-        for name, array in outputs.items():
-            datatype = {"float32": "FP32", "bool": "BOOL", "uint8": "UINT8"}[str(array.dtype)]
-            # MLServer answers 1-D tensors with an extra axis; the check must accept that.
-            shape = (1, *array.shape) if array.ndim == 1 else array.shape
-            response.outputs.add(name=name, datatype=datatype, shape=list(shape))
-            response.raw_output_contents.append(array.tobytes())
-        return response
-
-    def handler(self) -> grpc.GenericRpcHandler:
-        method = grpc.unary_unary_rpc_method_handler(self.infer, request_deserializer=self.request_cls.FromString,
-                                                     response_serializer=lambda m: m.SerializeToString())
-        return grpc.method_handlers_generic_handler(peers.V2_SERVICE, {"ModelInfer": method})
+            out["mask"] = out["mask"].copy()
+            out["mask"][0, 0, 0] ^= 1
+        return out
 
 
 @pytest.fixture
 def v2_channel(tmp_path: Path, predictor: Predictor, request: pytest.FixtureRequest) -> Iterator[grpc.Channel]:
-    server = grpc.server(futures.ThreadPoolExecutor(2))
-    server.add_generic_rpc_handlers((V2Server(predictor, tamper=getattr(request, "param", False)).handler(),))
     address = f"unix://{tmp_path}/v2.sock"
-    server.add_insecure_port(address)
-    server.start()
+    server = serve(Tampered({"tiny": predictor}, tamper=getattr(request, "param", False)), address, workers=2)
     try:
         with grpc.insecure_channel(address) as channel:
             yield channel
@@ -96,6 +78,18 @@ def test_a_v2_answer_is_identical_to_the_floor(v2_channel: grpc.Channel, predict
     got = peers.v2_outputs(call())
     assert got["mask"].shape == (120, 160, 3) and got["score"].shape == (1, 1)
     assert peers.compare(infer(predictor, FRAME), got) == []
+
+
+def test_the_reference_server_rejects_a_malformed_request(v2_channel: grpc.Channel) -> None:
+    request_cls, response_cls = peers.v2_messages()
+    request = peers.v2_request(request_cls, "tiny", FRAME)
+    request.inputs[0].shape[:] = [120, 161, 3]  # one column more than the bytes hold
+    with pytest.raises(grpc.RpcError) as err:
+        peers.v2_caller(v2_channel, response_cls, request)()
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "does not match" in (err.value.details() or "")
+    with pytest.raises(grpc.RpcError) as err:
+        peers.v2_caller(v2_channel, response_cls, peers.v2_request(request_cls, "other", FRAME))()
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
 @pytest.mark.parametrize("v2_channel", [True], indirect=True)

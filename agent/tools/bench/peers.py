@@ -57,6 +57,7 @@ class Peer:
     title: str  # what the table calls it, with the version that actually serves
     packages: tuple[str, ...]  # pinned, besides onnxruntime and Pillow (pinned to the agent's own)
     notes: str = ""
+    own_venv: bool = True  # False: runs in the agent's own virtualenv (the grpcio reference)
 
 
 PEERS: dict[str, Peer] = {
@@ -67,6 +68,9 @@ PEERS: dict[str, Peer] = {
                      "LD_LIBRARY_PATH = the interpreter's libdir"),
     "mlserver": Peer("mlserver", "MLServer 1.7.1", ("mlserver==1.7.1",),
                      "MLModel runtime, parallel_workers 0 (the default pool crashes with uvloop ≥ 0.22)"),
+    "grpcio": Peer("grpcio", "hand-written grpcio V2 server", (),
+                   "reference: grpcio generic handler, 4 threads, np.frombuffer in / tobytes out, on a Unix socket; "
+                   "agent.tools.bench.peer_servers.grpcio_v2", own_venv=False),
 }
 
 
@@ -85,11 +89,13 @@ def default_cache() -> Path:
 
 
 def venv_python(cache: Path, peer: Peer) -> Path:
-    return cache / peer.key / "bin" / "python"
+    return cache / peer.key / "bin" / "python" if peer.own_venv else Path(sys.executable)
 
 
 def build_venv(cache: Path, peer: Peer, log: Callable[[str], None] = print) -> str | None:
     """Create (or reuse) the peer's virtualenv; returns None when usable, else why not (pip's last lines)."""
+    if not peer.own_venv:
+        return None
     reqs = requirements(peer)
     home = cache / peer.key
     stamp = home / ".requirements"
@@ -351,14 +357,19 @@ class Running:
     versions: dict[str, str] = field(default_factory=dict)
 
 
-def peer_command(peer: Peer, python: Path, work: Path, grpc_port: int) -> tuple[list[str], dict[str, str]]:
-    """Command line and extra environment that start `peer` serving every model on 127.0.0.1:grpc_port."""
+def peer_command(peer: Peer, python: Path, work: Path, grpc_port: int) -> tuple[list[str], dict[str, str], str]:
+    """Command line, extra environment and gRPC target that start `peer` serving every model on
+    127.0.0.1:grpc_port (the grpcio reference: on a Unix socket in `work`)."""
     http_port, metrics_port = free_port(), free_port()
     env: dict[str, str] = {}
     module = "agent.tools.bench.peer_servers"
+    tcp = f"127.0.0.1:{grpc_port}"
+    if peer.key == "grpcio":
+        address = f"unix://{work}/grpcio-v2.sock"
+        return [str(python), "-m", f"{module}.grpcio_v2", "--address", address], env, address
     if peer.key == "kserve":
         return [str(python), "-m", f"{module}.kserve_server", "--grpc-port", str(grpc_port),
-                "--http-port", str(http_port)], env
+                "--http-port", str(http_port)], env, tcp
     if peer.key == "pytriton":
         # The python-backend stub links the system's libpython of the same minor version unless the running
         # interpreter's libdir comes first (pytriton#51: "3.11.7 breaks").
@@ -366,14 +377,14 @@ def peer_command(peer: Peer, python: Path, work: Path, grpc_port: int) -> tuple[
                                 capture_output=True, text=True, check=True).stdout.strip()
         env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [libdir, os.environ.get("LD_LIBRARY_PATH")]))
         return [str(python), "-m", f"{module}.pytriton_server", "--grpc-port", str(grpc_port), "--http-port",
-                str(http_port), "--metrics-port", str(metrics_port), "--workspace", str(work / "pytriton")], env
+                str(http_port), "--metrics-port", str(metrics_port), "--workspace", str(work / "pytriton")], env, tcp
     if peer.key == "mlserver":
         root = work / "mlserver"
         root.mkdir(parents=True, exist_ok=True)
         (root / "settings.json").write_text(json.dumps({
             "host": "127.0.0.1", "http_port": http_port, "grpc_port": grpc_port, "metrics_port": metrics_port,
             "parallel_workers": 0, "debug": False, "load_models_at_startup": True}))
-        return [str(python.parent / "mlserver"), "start", str(root)], env
+        return [str(python.parent / "mlserver"), "start", str(root)], env, tcp
     raise ValueError(f"unknown peer {peer.key}")
 
 
@@ -413,7 +424,7 @@ def peer_server(peer: Peer, cache: Path, work: Path, packages: dict[str, Path], 
 
     python = venv_python(cache, peer)
     grpc_port = free_port()
-    cmd, extra = peer_command(peer, python, work, grpc_port)
+    cmd, extra, target = peer_command(peer, python, work, grpc_port)
     if peer.key == "mlserver":
         write_mlserver_models(work / "mlserver", list(packages))
     env = dict(os.environ)
@@ -424,7 +435,6 @@ def peer_server(peer: Peer, cache: Path, work: Path, packages: dict[str, Path], 
     env.pop("VIRTUAL_ENV", None)
     log = work / f"{peer.key}.log"
     request_cls, response_cls = v2_messages()
-    target = f"127.0.0.1:{grpc_port}"
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
                             start_new_session=True)
@@ -434,7 +444,7 @@ def peer_server(peer: Peer, cache: Path, work: Path, packages: dict[str, Path], 
             wait_answers(proc, log, calls)
         running = Running(peer.key, peer.title, proc, target, log, cold_start_s=time.perf_counter() - t0)
         running.versions = installed_versions(python, [p.split("==")[0] for p in requirements(peer)]
-                                              + ["tritonserver", "uvloop", "grpcio", "numpy"])
+                                              + ["onnxruntime-gpu", "uvloop", "grpcio", "numpy"])
         yield running
     finally:
         _stop(proc)
@@ -597,10 +607,11 @@ def run_peers(out_dir: Path, *, peers: Sequence[str], models: Sequence[str] = MO
                     raise RuntimeError(f"{peer.key} listens beyond loopback: {bad}")
                 request_cls, response_cls = v2_messages()
                 ch = stack.enter_context(grpc.insecure_channel(r.target))
-                try:
-                    r.versions["server reports"] = server_metadata(ch)
-                except grpc.RpcError as exc:
-                    r.versions["server reports"] = f"(ServerMetadata failed: {exc.code().name})"
+                if peer.own_venv:  # the grpcio reference serves ModelInfer only
+                    try:
+                        r.versions["server reports"] = server_metadata(ch)
+                    except grpc.RpcError as exc:
+                        r.versions["server reports"] = f"(ServerMetadata failed: {exc.code().name})"
                 got = {m: v2_outputs(v2_caller(ch, response_cls, v2_request(request_cls, m, frame))())
                        for m in models}
                 identical = {m: compare(expected[m], got[m]) for m in models}
@@ -715,7 +726,7 @@ def markdown(report: PeerReport, plot_name: str | None = "benchmarks-peers.png")
            "machine) hit that group: its p50 ratios can swing by 2× between runs; read its throughput and p90 "
            "columns." if noisy else ""),
         "",
-        "All three peers run the Predictor in Python, as the agent does: Triton itself is not on PyPI (`tritonserver` "
+        "Every peer runs the Predictor in Python, as the agent does: Triton itself is not on PyPI (`tritonserver` "
         "there is a 1.5 kB placeholder whose setup.py points to NGC containers), and PyTriton's wheel bundles a real "
         "`tritonserver` with the python backend only (no onnxruntime backend), so Triton hands each request to the "
         "PyTriton process that runs the Predictor. What differs between the rows is each server's transport, "
@@ -734,7 +745,7 @@ def markdown(report: PeerReport, plot_name: str | None = "benchmarks-peers.png")
         "",
         "Rerun: `scripts/bench-peers` (all peers; `--peers kserve,mlserver`, `--scale 0.5`, `--clients 1`; "
         "`--help`). It builds each peer's virtualenv once under `~/.cache/edge-agent/bench-peers` (pinned: "
-        + ", ".join(f"`{' '.join(p.packages)}`" for p in PEERS.values())
+        + ", ".join(f"`{' '.join(p.packages)}`" for p in PEERS.values() if p.packages)
         + ", plus the agent's own onnxruntime and Pillow versions), applies the workarounds each peer needs here "
         "(KServe's hard-coded `0.0.0.0`/`[::]` bind addresses patched to 127.0.0.1; PyTriton's python-backend stub "
         "gets `LD_LIBRARY_PATH` = the interpreter's libdir; MLServer `parallel_workers: 0`), refuses to measure a "
