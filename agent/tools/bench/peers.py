@@ -49,6 +49,8 @@ END = "<!-- bench-peers:end -->"
 V2_SERVICE = "inference.GRPCInferenceService"
 #: A floor whose p90 exceeds this multiple of its p50 ran under outside load; the table says so.
 NOISY = 2.0
+#: ... or whose per-round p50s are further apart than this factor.
+SPREAD = 1.5
 
 
 @dataclass(frozen=True)
@@ -466,6 +468,8 @@ class Row:
     ratio_p50: float = math.nan
     ratio_p90: float = math.nan
     ratio_throughput: float = math.nan
+    #: slowest ÷ fastest per-round p50 of this mode: how much the load on the machine moved between rounds
+    round_spread: float = math.nan
 
 
 @dataclass
@@ -502,13 +506,19 @@ def interleaved(modes: dict[str, list[Callable[[], Any]]], total: int, cap_s: fl
     from agent.tools.bench.benchmark import measure
 
     pooled: dict[str, tuple[list[float], float, bool]] = {m: ([], 0.0, False) for m in modes}
+    round_p50: dict[str, list[float]] = {m: [] for m in modes}
     per_round = max(1, math.ceil(total / rounds))
     for _ in range(rounds):
         for mode, calls in modes.items():
             lat, wall, capped = measure(calls, per_round, cap_s / rounds)
             acc = pooled[mode]
             pooled[mode] = (acc[0] + lat, acc[1] + wall, acc[2] or capped)
+            if lat:
+                round_p50[mode].append(float(np.percentile(lat, 50)))
     rows = [summarise(model, clients, m, *pooled[m]) for m in modes]
+    for row in rows:
+        p50s = round_p50[row.mode]
+        row.round_spread = max(p50s) / min(p50s) if p50s and min(p50s) > 0 else math.nan
     apply_ratios(rows)
     return rows
 
@@ -714,17 +724,18 @@ def markdown(report: PeerReport, plot_name: str | None = "benchmarks-peers.png")
         ratio = ("—", "—", "—") if r.mode == "floor" else (
             f"{r.ratio_p50:.2f}", f"{r.ratio_p90:.2f}", f"{r.ratio_throughput:.2f}")
         title = _title(report, r.mode)
-        if r.mode == "floor" and r.p90_ms > NOISY * r.p50_ms:
-            title += f" — **noisy**: p90 {r.p90_ms / r.p50_ms:.1f}× p50"
+        if r.mode == "floor" and (r.p90_ms > NOISY * r.p50_ms or r.round_spread > SPREAD):
+            title += f" — **noisy**: p90 {r.p90_ms / r.p50_ms:.1f}× p50" + (
+                f", round p50s {r.round_spread:.1f}× apart" if math.isfinite(r.round_spread) else "")
             noisy = True
         lines.append(f"| {r.model} | {r.clients} | {title} | {r.requests}{'*' if r.capped else ''} "
                      f"| {r.p50_ms:.2f} | {r.p90_ms:.2f} | {r.throughput:.1f} | {ratio[0]} | {ratio[1]} | {ratio[2]} |")
     lines += [
         "",
         "`*` = the time cap ended the mode before its request count."
-        + (f" **noisy**: the floor's p90 is more than {NOISY:g}× its p50, i.e. outside load (other work on the shared "
-           "machine) hit that group: its p50 ratios can swing by 2× between runs; read its throughput and p90 "
-           "columns." if noisy else ""),
+        + (f" **noisy**: the floor's p90 is more than {NOISY:g}× its p50 or its p50 moved more than {SPREAD:g}× "
+           "between rounds, i.e. outside load (other work on the shared machine) hit that group: its ratios can "
+           "swing by 2× between runs, so compare its rows only loosely." if noisy else ""),
         "",
         "Every peer runs the Predictor in Python, as the agent does: Triton itself is not on PyPI (`tritonserver` "
         "there is a 1.5 kB placeholder whose setup.py points to NGC containers), and PyTriton's wheel bundles a real "
