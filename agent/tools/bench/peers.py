@@ -693,7 +693,9 @@ def markdown(report: PeerReport, plot_name: str | None = "benchmarks-peers.png")
         "Protocol gRPC endpoint on 127.0.0.1 (adapters: `agent/tools/bench/peer_servers/`); the client sends the "
         f"{s['frame']} RGB frame as one raw UINT8 tensor and gets score, verdict and mask back as raw tensors. Before "
         "timing, every server's answer to the same frame was checked against the floor: same score, verdict and "
-        "mask bytes. The modes of one row group ran interleaved "
+        "mask bytes. **floor** here = that same Predictor exactly as the agent runs it (default settings, its own "
+        "pre-processing), called in-process: not the reference pipeline the tables above use as their floor, so "
+        "ratios here are the cost of serving, not of pre-processing. The modes of one row group ran interleaved "
         f"({s['rounds']} rounds, at most {s['cap_s']:g} s per mode), clients are threads of the benchmark process, "
         "one channel each. **Read the ratios; absolute times are context only.**",
         "",
