@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[3]  # the repository (this file is agent/tools/bench/benchmark.py)
 FRAMES: dict[str, tuple[int, int]] = {"640x480": (640, 480), "1920x1080": (1920, 1080), "4096x4096": (4096, 4096)}
 MODELS = ("tiny", "patchcore")
 MODES = ("floor", "bytes", "shm", "grpcio-bytes", "grpcio-shm")
