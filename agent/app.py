@@ -256,8 +256,8 @@ def serve(cli: Mapping[str, Any], environ: Mapping[str, str] = os.environ) -> in
         from agent.greengrass.component import ConfigSource, GreengrassComponent
         from agent.greengrass.ipc import aws_session_factory
 
-        component = GreengrassComponent(aws_session_factory(gg.socket_path, gg.svcuid),
-                                        ConfigSource(gg.work_path, environ, cli))
+        connect = aws_session_factory(gg.socket_path, gg.svcuid, component_name=gg.component_name)
+        component = GreengrassComponent(connect, ConfigSource(gg.work_path, environ, cli))
         config = component.initial_config()
     configure(config.log_level, config.log_format)
     from agent.app import Agent
@@ -290,4 +290,5 @@ def serve(cli: Mapping[str, Any], environ: Mapping[str, str] = os.environ) -> in
         if component is not None:
             component.stop()
         agent.stop()
-    return 0
+    # Non-zero when the nucleus kept refusing our identity: it restarts the component with a fresh one.
+    return component.exit_status if component is not None else 0

@@ -100,6 +100,7 @@ class ConnectAttempt:
     auth_token: str | None
     version: str | None
     accepted: bool
+    component_name: str | None = None  # a lite-style {"componentName": ...} connect
 
 
 @dataclass(frozen=True)
@@ -241,6 +242,13 @@ class FakeNucleus:
         self.socket_path = socket_path
         self.svcuid = svcuid
         self.component_name = component_name
+        # Nucleus lite emulation (docs/greengrass.md): ggipcd refuses an unknown SVCUID by closing the socket
+        # during the connect (no CONNECT_ACK), and accepts {"componentName": NAME} from a process in the
+        # component's systemd unit (it checks the cgroup; here: names listed in accept_component_names).
+        self.refuse_by_closing = False
+        self.accept_component_names: set[str] = set()
+        # operation -> seconds to hold each of its next answers (a nucleus that is slow to answer)
+        self._delays: dict[str, list[float]] = {}
 
         self._cond = threading.Condition(threading.RLock())
         self._configs: dict[str, dict[str, Any]] = {
@@ -508,6 +516,16 @@ class FakeNucleus:
         event = {"postUpdateEvent": {"deploymentId": deployment_id}}
         return self._in_loop(lambda: self._send_event_to(OP_SUBSCRIBE_TO_COMPONENT_UPDATES, event))
 
+    def forget_svcuid(self, new_svcuid: str | None = None) -> None:
+        """What a restart of lite's IPC daemon does: the token issued before is unknown from now on."""
+        with self._cond:
+            self.svcuid = new_svcuid or uuid.uuid4().hex[:16]
+
+    def delay_responses(self, operation: str, seconds: float, *, times: int = 1) -> None:
+        """Hold the answer to the next `times` requests for `operation` for `seconds` (the loop keeps serving)."""
+        with self._cond:
+            self._delays.setdefault(operation, []).extend(seconds for _ in range(times))
+
     def inject_error(
         self, operation: str, model_type: str = ERR_SERVICE, message: str = "Injected failure", *, times: int = 1
     ) -> None:
@@ -637,20 +655,29 @@ class FakeNucleus:
             self._protocol_error(conn, f"first message was type {message.message_type}, not CONNECT")
             return False
         token: str | None = None
+        name: str | None = None
         try:
             body = json.loads(message.payload.decode("utf-8") or "{}")
             token = body.get("authToken") if isinstance(body, dict) else None
+            name = body.get("componentName") if isinstance(body, dict) else None
         except (UnicodeDecodeError, json.JSONDecodeError):
             pass
         version = message.header(es.HDR_VERSION)
         version_str = version if isinstance(version, str) else None
-        accepted = version_str == es.RPC_VERSION and token == self.svcuid
         with self._cond:
-            self._connect_attempts.append(ConnectAttempt(conn.conn_id, token, version_str, accepted))
+            known = (token is not None and token == self.svcuid) or (
+                token is None and name is not None and name in self.accept_component_names)
+        accepted = version_str == es.RPC_VERSION and known
+        with self._cond:
+            self._connect_attempts.append(ConnectAttempt(conn.conn_id, token, version_str, accepted, name))
             if accepted:
                 conn.component = self.component_name
                 self._accepted_total += 1
             self._cond.notify_all()
+        if not accepted and self.refuse_by_closing:
+            conn.closed = True
+            conn.writer.close()  # lite: "failed authentication", the client sees AWS_IO_SOCKET_CLOSED
+            return False
         conn.write(
             es.rpc_message(
                 es.MessageType.CONNECT_ACK,
@@ -762,17 +789,29 @@ class FakeNucleus:
                 conn, stream.stream_id, es.MessageType.APPLICATION_ERROR, err.model_type, err.payload(), terminate=True
             )
             return
-        self._send_json(
-            conn,
-            stream.stream_id,
-            es.MessageType.APPLICATION_MESSAGE,
-            operation + "Response",
-            response,
-            terminate=not streaming,
-        )
         with self._cond:
-            stream.active = streaming
-            self._cond.notify_all()
+            held = self._delays.get(operation)
+            delay = held.pop(0) if held else 0.0
+
+        def answer() -> None:
+            if conn.closed:
+                return
+            self._send_json(
+                conn,
+                stream.stream_id,
+                es.MessageType.APPLICATION_MESSAGE,
+                operation + "Response",
+                response,
+                terminate=not streaming,
+            )
+            with self._cond:
+                stream.active = streaming
+                self._cond.notify_all()
+
+        if delay > 0 and self._loop is not None:
+            self._loop.call_later(delay, answer)
+        else:
+            answer()
 
     @staticmethod
     def _send_json(

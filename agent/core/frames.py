@@ -31,7 +31,7 @@ import stat
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -48,6 +48,8 @@ MAX_FRAME_BYTES = MAX_SIDE * MAX_SIDE * 3
 _SHM_NAME = re.compile(r"^/?[A-Za-z0-9_.\-]{1,250}$")
 # O_NONBLOCK: opening a FIFO (or a device) must return at once, not wait for a writer.
 # O_NOFOLLOW: a symlink is refused. O_NOCTTY: a terminal renamed over a name never becomes ours.
+#: Buffers per pwritev call: IOV_MAX on Linux and macOS (longer lists fail with EINVAL).
+_IOV_MAX = 1024
 _OPEN_FLAGS = os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC | getattr(os, "O_NOCTTY", 0)
 
 
@@ -203,22 +205,64 @@ def _close_all(cache: OrderedDict[tuple[str, bool], _Segment], lock: threading.L
 
 
 class MaskTarget:
-    """The client's mask segment, opened and checked before inference; the mask is rendered into
-    ``buffer`` (the agent's memory) and copied into the segment by ``commit``."""
+    """The client's mask segment, opened and checked before inference. The mask reaches it in one of
+    two ways, both copied into the segment by ``commit`` (after the model's slot is released):
 
-    def __init__(self, shm: SharedMemory, segment: _Segment, handle: ShmHandle, buffer: np.ndarray) -> None:
+    * ``write_rows(rows, runs)``: the mask as its distinct rows and how often each repeats (a
+      nearest-neighbour upscale repeats every model row many times). ``commit`` writes it with
+      ``pwritev`` over iovecs that all point into those few rows: one copy of the mask into the
+      segment, none into an agent buffer (a 4096x4096 mask is 48 MiB; its distinct rows ~3 MiB).
+    * ``buffer``: a pooled agent buffer of the mask's size (taken on first use) to render into.
+    """
+
+    def __init__(self, shm: SharedMemory, segment: _Segment, handle: ShmHandle, nbytes: int) -> None:
         self._shm = shm
         self._segment = segment
         self.handle = handle
-        self.buffer = buffer
+        self.nbytes = nbytes
+        self._buffer: np.ndarray | None = None
+        self._rows: tuple[np.ndarray, Sequence[int]] | None = None
+
+    @property
+    def buffer(self) -> np.ndarray:
+        if self._buffer is None:
+            self._buffer = self._shm.pool.acquire(self.nbytes)
+        return self._buffer
+
+    def write_rows(self, rows: np.ndarray, runs: Sequence[int]) -> None:
+        """Keep the mask as rows (n x row_bytes, C-contiguous uint8) with row i repeated runs[i] times
+        (sum(runs) rows in all) until ``commit``. Nothing is copied here."""
+        if len(runs) != rows.shape[0]:
+            raise ValueError(f"{len(runs)} runs for {rows.shape[0]} rows")
+        self._rows = (np.ascontiguousarray(rows), runs)
 
     def commit(self, mask: np.ndarray | None = None) -> None:
-        """Write the mask (``mask`` if given, else ``buffer``) at the handle's offset."""
+        """Write the mask (``mask`` if given, else the rows given to write_rows, else ``buffer``) at the
+        handle's offset."""
+        if mask is None and self._rows is not None:
+            rows, runs = self._rows
+            row_bytes = rows.nbytes // max(rows.shape[0], 1)
+            nbytes = row_bytes * sum(runs)
+            self._check_fits(nbytes)
+            flat = rows.reshape(-1).data.cast("B") if rows.size else memoryview(b"")
+            views = [flat[i * row_bytes:(i + 1) * row_bytes] for i in range(rows.shape[0])]
+            iovecs = [views[i] for i, run in enumerate(runs) for _ in range(run)]
+            self._shm._pwritev(self._segment, iovecs, nbytes, self.handle)
+            return
         data = self.buffer if mask is None else mask.reshape(-1)
-        if data.nbytes > self.handle.size:
+        self._check_fits(data.nbytes)
+        self._shm._pwritev(self._segment, [data.data], data.nbytes, self.handle)
+
+    def _check_fits(self, nbytes: int) -> None:
+        if nbytes > self.handle.size:
             raise InvalidInput(f"mask shared memory handle {self.handle.name!r} has size {self.handle.size}, "
-                               f"the mask needs {data.nbytes} bytes")
-        self._shm._pwrite(self._segment, data.data, self.handle)
+                               f"the mask needs {nbytes} bytes")
+
+    def _close(self) -> None:
+        if self._buffer is not None:
+            self._shm.pool.release(self._buffer)
+            self._buffer = None
+        self._rows = None
 
 
 class SharedMemory:
@@ -271,10 +315,11 @@ class SharedMemory:
             raise InvalidInput(f"mask shared memory handle {handle.name!r} has size {handle.size}, the mask needs "
                                f"{nbytes} bytes")
         segment = self._acquire(handle, writable=True)
+        target = MaskTarget(self, segment, handle, nbytes)
         try:
-            with self.pool.borrowed(nbytes) as buf:
-                yield MaskTarget(self, segment, handle, buf)
+            yield target
         finally:
+            target._close()
             self._release(segment)
 
     def write(self, handle: ShmHandle, data: np.ndarray) -> None:
@@ -383,7 +428,9 @@ class SharedMemory:
             raise InvalidInput(f"cannot read shared memory segment {handle.name!r}: {exc.strerror}") from None
 
     @staticmethod
-    def _pwrite(segment: _Segment, data: memoryview, handle: ShmHandle) -> None:
+    def _pwritev(segment: _Segment, iovecs: list[memoryview], total: int, handle: ShmHandle) -> None:
+        """Write the buffers one after another at the handle's offset (IOV_MAX at a time; a short write
+        continues where it stopped)."""
         # A write past the end would grow the file again rather than fault; refuse a segment that
         # shrank below the handle's range instead of silently re-growing it. (A shrink in the
         # microseconds between this fstat and the write can only regrow the client's own file up
@@ -391,9 +438,19 @@ class SharedMemory:
         try:
             if os.fstat(segment.fd).st_size < handle.offset + handle.size:
                 raise _changed(handle)
-            done, total = 0, len(data)
+            done, i = 0, 0
             while done < total:
-                done += os.pwrite(segment.fd, data[done:], handle.offset + done)
+                n = _pwritev_some(segment.fd, iovecs[i:i + _IOV_MAX], handle.offset + done)
+                if n <= 0:
+                    raise _changed(handle)
+                done += n
+                while n > 0:  # skip the buffers written; cut the one written partly
+                    if n >= len(iovecs[i]):
+                        n -= len(iovecs[i])
+                        i += 1
+                    else:
+                        iovecs[i] = iovecs[i][n:]
+                        n = 0
         except OSError as exc:
             raise InvalidInput(f"cannot write the mask into shared memory segment {handle.name!r}: "
                                f"{exc.strerror}") from None
@@ -410,6 +467,12 @@ def _preadv(fd: int, buf: memoryview, offset: int) -> int:
     data = os.pread(fd, len(buf), offset)  # platforms without preadv: one extra copy
     buf[:len(data)] = data
     return len(data)
+
+
+def _pwritev_some(fd: int, buffers: list[memoryview], offset: int) -> int:
+    if hasattr(os, "pwritev"):
+        return os.pwritev(fd, buffers, offset)
+    return os.pwrite(fd, b"".join(buffers), offset)  # platforms without pwritev: one extra copy
 
 
 def _kind(mode: int) -> str:

@@ -28,7 +28,7 @@ class DetectRequest:
     model: str
     width: int
     height: int
-    data: bytes | None = None
+    data: bytes | memoryview | None = None  # RGB888 rows (a memoryview of the received request: no copy)
     shm: ShmHandle | None = None
     mask_shm: ShmHandle | None = None
 
@@ -82,9 +82,9 @@ class InferenceService:
                     mask_w, mask_h = model.predictor.mask_size(request.width, request.height)
                     mask = frames.enter_context(self.shm.mask_target(request.mask_shm, mask_w * mask_h * 3))
                 with model.gate.slot(self.clock, caller) as waited:
-                    detection = model.predictor.predict(image, None if mask is None else mask.buffer.data, policy)
+                    detection = model.predictor.predict(image, mask, policy)  # mask: its rows, not yet written
                 if mask is not None and detection.has_mask:
-                    mask.commit(detection.mask)  # the rendered buffer, or a mask the model made itself
+                    mask.commit(detection.mask)  # the mask's rows, or a mask the model made itself
                 return detection
         finally:
             if self.observer is not None:

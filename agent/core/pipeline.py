@@ -13,8 +13,9 @@ from __future__ import annotations
 import math
 import time
 import typing  # runtime-evaluated aliases below: collections.abc generics need Python >= 3.9
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 from PIL import Image
@@ -26,6 +27,15 @@ from agent.errors import InferenceFailed, ModelLoadError
 from agent.runtime.base import RuntimeSession
 
 Clock = typing.Callable[[], float]
+
+
+class MaskRows(Protocol):
+    """Where a full-size mask can go as its distinct rows plus how often each repeats (e.g.
+    frames.MaskTarget, which writes them into a client's segment with pwritev): a nearest-neighbour
+    upscale repeats every model row many times, so the full-size mask is never built."""
+
+    def write_rows(self, rows: np.ndarray, runs: Sequence[int]) -> None: ...
+
 #: DDA's fixed ImageNet statistics (basic_preprocessor.py), float32 (3,1,1) as DDA computes with them.
 _DDA_MEAN = np.array([[[0.485]], [[0.456]], [[0.406]]], dtype=np.float32)
 _DDA_STD = np.array([[[0.229]], [[0.224]], [[0.225]]], dtype=np.float32)
@@ -96,7 +106,11 @@ def _softmax(x: np.ndarray, axis: int) -> np.ndarray:
 class Predictor:
     """Runs one package's model on HxWx3 uint8 RGB images. Thread-safe (no per-call state)."""
 
-    def __init__(self, package: ModelPackage, session: RuntimeSession, clock: Clock = time.perf_counter) -> None:
+    def __init__(self, package: ModelPackage, session: RuntimeSession, clock: Clock = time.perf_counter, *,
+                 fast_reduce: bool = True) -> None:
+        """fast_reduce: for "bilinear" (Pillow) packages, do Pillow's reducing_gap box reduction with
+        OpenCV on the 3-byte frame when it is large (see reduce_frame: within 1 grey level of Pillow's
+        output). False: Pillow alone, the reference pipeline (the benchmark's floor uses it)."""
         self.package = package
         self.session = session
         self.clock = clock
@@ -111,6 +125,7 @@ class Predictor:
         self.size = (package.image_width, package.image_height)
         self._dda = package.semantics == "dda"
         self._resampler = package.resampler
+        self._fast_reduce = fast_reduce
         # /255 and mean/std fused into one multiply-add per channel in float32 over the whole CHW
         # tensor (a per-channel lookup-table gather with np.take measured 2-3x slower).
         self._scale, self._bias = self._affine(package)
@@ -182,9 +197,7 @@ class Predictor:
             # cv2.resize as DDA calls it (dsize = (width, height)), on the uint8 RGB frame.
             src = image if image.flags.c_contiguous else np.ascontiguousarray(image)
             return np.asarray(cv2.resize(src, (width, height), interpolation=int(self.package.interpolation)))
-        pil = Image.fromarray(image if image.flags.c_contiguous else np.ascontiguousarray(image), "RGB")
-        # reducing_gap: integer-factor box reduction first, so large frames resize fast.
-        return np.asarray(pil.resize((width, height), Image.Resampling.BILINEAR, reducing_gap=3.0))
+        return pillow_bilinear(image, (width, height), self._fast_reduce)
 
     def preprocess(self, image: np.ndarray) -> np.ndarray:
         width, height = self.size
@@ -204,13 +217,13 @@ class Predictor:
         chw += self._bias
         return tensor if self.input_dtype == np.float32 else tensor.astype(self.input_dtype)
 
-    def predict(self, image: np.ndarray, mask_out: memoryview | None = None,
+    def predict(self, image: np.ndarray, mask_out: memoryview | MaskRows | None = None,
                 policy: MaskPolicy | None = None) -> Detection:
         """image: HxWx3 uint8 RGB (any strides). Raises InferenceFailed when the runtime fails.
 
-        mask_out: a writable buffer of at least mask_size()'s W*H*3 bytes (e.g. the client's shared-memory
-        mask segment): the full-size mask is rendered straight into it (`Detection.mask` stays None,
-        `mask_in_buffer` is True). Otherwise `policy` (default: MaskPolicy()) decides the inline mask."""
+        mask_out: a writable buffer of at least mask_size()'s W*H*3 bytes, into which the full-size mask
+        is rendered, or a MaskRows, which gets its rows (`Detection.mask` stays None, `mask_in_buffer` is
+        True either way). Otherwise `policy` (default: MaskPolicy()) decides the inline mask."""
         t0 = self.clock()
         tensor = self.preprocess(image)
         t1 = self.clock()
@@ -232,7 +245,7 @@ class Predictor:
         return detection
 
     def postprocess(self, out: Mapping[str, np.ndarray], width: int, height: int,
-                    mask_out: memoryview | None = None, policy: MaskPolicy | None = None) -> Detection:
+                    mask_out: memoryview | MaskRows | None = None, policy: MaskPolicy | None = None) -> Detection:
         score, class_mask = self._dda_outputs(out) if self._dda else self._outputs_by_kind(out)
         if not math.isfinite(score):
             raise ValueError(f"score is {score}")
@@ -332,7 +345,7 @@ class Predictor:
         return float(1.0 - probs[self._class_normal[self._class_normal < probs.size]].sum())
 
     def _mask_out(self, detection: Detection, class_mask: np.ndarray, counts: np.ndarray, width: int, height: int,
-                  mask_out: memoryview | None, policy: MaskPolicy) -> None:
+                  mask_out: memoryview | MaskRows | None, policy: MaskPolicy) -> None:
         """Areas (at full size) and the mask: full size into mask_out, or inline at the policy's size."""
         total = float(width * height)
         # DDA lists every class present; the project's own kinds always list the background first.
@@ -343,8 +356,16 @@ class Predictor:
             for i in listed
         ]
         detection.mask_full_size = (width, height)
-        if mask_out is not None:
+        if isinstance(mask_out, memoryview):
             masks.render(class_mask, width, height, self._palette_rgb, self._resampler, mask_out)
+        elif mask_out is not None:
+            # Coloured at model height and full width; masks.render's row runs, left for the sink to repeat.
+            h, w = class_mask.shape
+            wide = class_mask if w == width else np.take(class_mask, masks.nearest_index(w, width, self._resampler),
+                                                         axis=1)
+            rows = np.take(self._palette_rgb, wide, axis=0).reshape(h, width * 3)
+            mask_out.write_rows(rows, masks.nearest_runs(h, height, self._resampler))
+        if mask_out is not None:
             detection.mask_in_buffer = True
             detection.mask_width, detection.mask_height = width, height
             return
@@ -359,6 +380,72 @@ class Predictor:
         width, height = self.mask_size(*self.size) if self._dda else self.size
         for _ in range(runs):
             self.predict(rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8))
+
+
+#: Pillow's reducing_gap for "bilinear" packages: an integer-factor box reduction first, so large frames
+#: resize fast (and the result is what the project's packages were made with).
+REDUCING_GAP = 3.0
+#: reduce_frame is used when Pillow's reduction averages at least this many pixels per output pixel.
+#: Below it OpenCV's reduction is no faster than Pillow's (1920x1080 -> 224: a 2x1 reduction, measured
+#: 2.7-5.4 ms against 2.2 ms + the RGBX copy; docs/benchmarks-notes.md).
+FAST_REDUCE_MIN_PIXELS = 4
+
+
+def reduce_factors(width: int, height: int, size: tuple[int, int]) -> tuple[int, int]:
+    """Pillow's Image.resize(size, BILINEAR, reducing_gap=REDUCING_GAP) reduction factors for a full frame."""
+    return (int(width / size[0] / REDUCING_GAP) or 1, int(height / size[1] / REDUCING_GAP) or 1)
+
+
+def pillow_bilinear(image: np.ndarray, size: tuple[int, int], fast_reduce: bool = True) -> np.ndarray:
+    """image (HxWx3 uint8) resized to size (w, h) as Pillow's BILINEAR with reducing_gap=3.0 does it.
+
+    fast_reduce: when the reduction is large, reduce_frame does Pillow's box reduction on the 3-byte frame,
+    sparing Pillow's copy of the whole frame into 4-byte RGBX pixels, and Pillow's bilinear runs on the
+    reduced image with the same box Pillow would use: within 1 grey level of Pillow's output per channel
+    (tests/core/test_pipeline.py checks it on noise, textures and edges), else exact."""
+    height, width = image.shape[:2]
+    fx, fy = reduce_factors(width, height, size)
+    if fast_reduce and fx * fy >= FAST_REDUCE_MIN_PIXELS:
+        reduced = reduce_frame(image, fx, fy)
+        return np.asarray(Image.fromarray(reduced, "RGB").resize(
+            size, Image.Resampling.BILINEAR, box=(0, 0, width / fx, height / fy)))
+    pil = Image.fromarray(image if image.flags.c_contiguous else np.ascontiguousarray(image), "RGB")
+    return np.asarray(pil.resize(size, Image.Resampling.BILINEAR, reducing_gap=REDUCING_GAP))
+
+
+def reduce_frame(image: np.ndarray, fx: int, fy: int) -> np.ndarray:
+    """Pillow's Image.reduce((fx, fy)) of a whole HxWx3 uint8 frame: the mean of each fx x fy block,
+    the last column and row of blocks averaging the pixels there are. Full blocks go through OpenCV's
+    integer-factor INTER_AREA (SIMD, no RGBX copy), whose rounding differs from Pillow's fixed-point
+    one: a value can be 1 above Pillow's. Partial blocks (few) are averaged here exactly as Pillow does."""
+    import cv2
+
+    height, width = image.shape[:2]
+    cols, rows = width // fx, height // fy  # full blocks
+    out = np.empty((-(-height // fy), -(-width // fx), 3), dtype=np.uint8)
+    if cols and rows:
+        main = image[:rows * fy, :cols * fx]
+        out[:rows, :cols] = cv2.resize(main if main.strides[1] == 3 else np.ascontiguousarray(main), (cols, rows),
+                                       interpolation=cv2.INTER_AREA)
+    if cols * fx < width:  # right column of partial blocks (fewer than fx pixels wide)
+        strip = image[:, cols * fx:]
+        out[:rows, cols] = _block_means(strip[:rows * fy].reshape(rows, fy, -1, 3))
+        if rows * fy < height:
+            out[rows, cols] = _block_means(strip[rows * fy:].reshape(1, -1, strip.shape[1], 3))[0]
+    if rows * fy < height:  # bottom row of partial blocks
+        strip = image[rows * fy:, :cols * fx]
+        out[rows, :cols] = _block_means(strip.reshape(strip.shape[0], cols, fx, 3).transpose(1, 0, 2, 3))
+    return out
+
+
+def _block_means(blocks: np.ndarray) -> np.ndarray:
+    """blocks: N x a x b x 3 uint8 -> N x 3 means, rounded exactly as Pillow's reduce does it (Reduce.c:
+    (sum + n/2) times a float32-computed 2**32 / (256 n), shifted right by 24; one below the rounded mean
+    when sum + n/2 is a multiple of n, for n not a power of two)."""
+    n = blocks.shape[1] * blocks.shape[2]
+    multiplier = int(np.float32(4.0 * (1 << 30)) / np.float32(256 * n))
+    sums = blocks.sum(axis=(1, 2), dtype=np.uint64)
+    return ((sums + n // 2) * multiplier >> 24).astype(np.uint8)
 
 
 def _class_ids(argmax: np.ndarray) -> np.ndarray:

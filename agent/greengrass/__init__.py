@@ -22,11 +22,21 @@ class GreengrassEnvironment:
     svcuid: str
     socket_path: str
     work_path: Path
+    #: The component nucleus lite runs us as (from our systemd unit's cgroup), else the agent's name: what a
+    #: `componentName` IPC connect presents when the SVCUID was forgotten (agent/greengrass/ipc.py).
+    component_name: str = COMPONENT_NAME
 
 
-def detect(environ: Mapping[str, str], cwd: Path) -> GreengrassEnvironment | None:
+def detect(environ: Mapping[str, str], cwd: Path, cgroup: Path = Path("/proc/self/cgroup")) -> \
+        GreengrassEnvironment | None:
     """The Greengrass environment if this process was started by the nucleus (both variables set)."""
     svcuid, socket_path = environ.get(SVCUID_ENV, ""), environ.get(SOCKET_ENV, "")
     if not svcuid or not socket_path:
         return None
-    return GreengrassEnvironment(svcuid, socket_path, cwd)
+    from agent.greengrass.ipc import unit_component_name
+
+    try:
+        name = unit_component_name(cgroup.read_text())
+    except OSError:
+        name = ""
+    return GreengrassEnvironment(svcuid, socket_path, cwd, name or COMPONENT_NAME)

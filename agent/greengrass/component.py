@@ -12,7 +12,14 @@
 * connection: the IPC client never reconnects by itself; when the connection (or any of its
   subscriptions) drops, a new session is connected with exponential backoff, subscriptions are
   made again and the configuration re-read (updates may have been missed). The gRPC service keeps
-  serving throughout: nothing here touches it.
+  serving throughout: nothing here touches it. A nucleus that is down (nobody listening) is waited for;
+  one that is up but keeps refusing the component's identity (nucleus lite after its IPC server
+  restarted, when the componentName connect is refused too) cannot be fixed from inside: after
+  `max_identity_refusals` consecutive refusals the agent stops with exit status 75 (EX_TEMPFAIL), and the
+  nucleus restarts the component with a fresh identity.
+* locking: `_lock` guards only the session slot; no lock is held across an IPC call (a nucleus that
+  stops answering must not block a reconnect or stop()). Configuration reads carry a sequence number
+  so a slow, older read is never applied over a newer one.
 
 Depends on the core (AgentConfig, the agent's control surface), never the reverse.
 """
@@ -29,7 +36,7 @@ from typing import Any, Protocol
 
 from agent.config import AgentConfig, parse_bool
 from agent.errors import ConfigError
-from agent.greengrass.ipc import NotFound, NucleusError, NucleusSession, SessionFactory
+from agent.greengrass.ipc import IdentityRefused, NotFound, NucleusError, NucleusSession, SessionFactory
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +44,12 @@ log = logging.getLogger(__name__)
 DEFER_RECHECK_MS = 2000
 MAX_DEFER_S = 60.0
 MODELS_SUBDIR = "models"
+#: Consecutive connects refused although the nucleus listens, before the agent exits for a fresh identity
+#: (~3 s with the default backoff: 0.2 s doubling). A nucleus that is down does not count.
+MAX_IDENTITY_REFUSALS = 5
+#: sysexits' EX_TEMPFAIL: the nucleus treats any non-zero exit of a running component as an error and
+#: restarts it (classic: ERRORED -> restart; lite: systemd Restart=on-failure).
+EXIT_IDENTITY_REFUSED = 75
 
 
 class BusyRegistry(Protocol):
@@ -54,6 +67,8 @@ class AgentControl(Protocol):
     def apply_config(self, new: AgentConfig) -> list[str]: ...
 
     def rescan_models(self, flush_missing: bool = False) -> None: ...
+
+    def request_stop(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -114,6 +129,7 @@ class GreengrassComponent:
         clock: Callable[[], float] = time.monotonic,
         defer_recheck_ms: int = DEFER_RECHECK_MS,
         max_defer_s: float = MAX_DEFER_S,
+        max_identity_refusals: int = MAX_IDENTITY_REFUSALS,
     ) -> None:
         self._connect = connect
         self.source = source
@@ -122,7 +138,11 @@ class GreengrassComponent:
         self._defer_recheck_ms = defer_recheck_ms
         self._max_defer_s = max_defer_s
         self._agent: AgentControl | None = None
-        self._lock = threading.RLock()  # session swap, config refresh
+        self._max_identity_refusals = max_identity_refusals
+        self._lock = threading.Lock()  # the session slot and its generation; never held across IPC
+        self._apply_lock = threading.Lock()  # orders configuration applies (local work only)
+        self._reads = 0  # configuration reads started; the sequence number of each
+        self._applied_read = 0  # the sequence number of the read last applied
         self._session: NucleusSession | None = None
         self._generation = 0
         self._lost_cb: Callable[[], None] = lambda: None
@@ -134,6 +154,9 @@ class GreengrassComponent:
         self._announced_restart: dict[str, Any] = {}  # restart-only keys already logged, with their value
         self._defer_started: dict[str, float] = {}  # deployment id → first time we deferred it
         self.sessions = 0  # connections made (for status and tests)
+        self.identity_refusals = 0  # consecutive refused connects
+        #: 0, or EXIT_IDENTITY_REFUSED once the agent was asked to stop for a fresh identity: serve's exit status.
+        self.exit_status = 0
 
     # -- start-up ------------------------------------------------------------------------------
     def initial_config(self, timeout_s: float = 10.0) -> AgentConfig:
@@ -177,20 +200,28 @@ class GreengrassComponent:
     # -- connection ----------------------------------------------------------------------------
     def _open_session(self) -> NucleusSession:
         with self._lock:
-            if self._session is None:
-                self._generation += 1
-                generation = self._generation
-                self._lost.clear()
-                # Callbacks of a closed session can still arrive (the SDK runs them on its executor):
-                # only the current session's loss counts.
-                self._lost_cb = lambda: self._on_lost(generation)
-                self._session = self._connect(self._lost_cb)
+            if self._session is not None:
+                return self._session
+            self._generation += 1
+            generation = self._generation
+            self._lost.clear()
+            # Callbacks of a closed session can still arrive (the SDK runs them on its executor):
+            # only the current session's loss counts.
+            lost_cb: Callable[[], None] = lambda: self._on_lost(generation)  # noqa: E731
+            self._lost_cb = lost_cb
+        session = self._connect(lost_cb)  # no lock held: a connect may take its whole timeout
+        with self._lock:
+            if self._generation == generation and self._session is None and not self._stop.is_set():
+                self._session = session
                 self.sessions += 1
-            return self._session
+                return session
+        session.close()  # stop() (or another connect) came first
+        raise NucleusError("the connection was replaced or the component stopped while connecting")
 
     def _close_session(self) -> None:
         with self._lock:
             session, self._session = self._session, None
+            self._generation += 1  # a connect in progress must not install its session
             self._connected.clear()
         if session is not None:
             session.close()
@@ -205,9 +236,12 @@ class GreengrassComponent:
 
     def _run(self) -> None:
         delays = self._backoff.delays()
+        failure = ""  # the kind of the last failed attempt
         while not self._stop.is_set():
+            kind = ""
             try:
                 session = self._open_session()
+                self.identity_refusals = 0
                 self._subscribe_all(session)
                 self._refresh_config()  # whatever changed while we were not subscribed
                 if self.sessions > 1:
@@ -215,13 +249,39 @@ class GreengrassComponent:
                 self._connected.set()
                 delays = self._backoff.delays()
                 self._lost.wait()
+            except IdentityRefused as exc:
+                kind = "refused"
+                self.identity_refusals += 1
+                log.warning("Greengrass IPC: %s (%d of %d)", exc.message, self.identity_refusals,
+                            self._max_identity_refusals)
+                if self.identity_refusals >= self._max_identity_refusals:
+                    self._give_up(exc)
+                    return
             except NucleusError as exc:
+                kind = type(exc).__name__
                 log.warning("Greengrass IPC: %s", exc.message)
             except Exception:  # never let the IPC thread die: the agent would silently stop following deployments
+                kind = "bug"
                 log.exception("Greengrass IPC session failed")
             self._close_session()
+            if kind != failure:
+                # Something changed (e.g. the nucleus is back after a restart, but refuses us): start the backoff
+                # over, so that refusals are counted at the short delays, not after a long outage's 10 s.
+                failure, delays = kind, self._backoff.delays()
             if not self._stop.is_set():
                 self._stop.wait(next(delays))
+
+    def _give_up(self, exc: IdentityRefused) -> None:
+        """The nucleus is up but will not take this process back: stop, non-zero, so it restarts the
+        component with a fresh identity (the models it ran start again from the persisted RUNNING set)."""
+        log.error("Greengrass IPC: the nucleus refused this component's identity %d times in a row (%s); "
+                  "exiting with status %d so that the nucleus restarts it with a fresh one",
+                  self.identity_refusals, exc.message, EXIT_IDENTITY_REFUSED)
+        self.exit_status = EXIT_IDENTITY_REFUSED
+        self._close_session()
+        agent = self._agent
+        if agent is not None:
+            agent.request_stop()
 
     def _subscribe_all(self, session: NucleusSession) -> None:
         # Each subscription is optional: a nucleus without one (Greengrass Lite has no component
@@ -255,14 +315,20 @@ class GreengrassComponent:
         agent = self._agent
         with self._lock:
             session = self._session
-            if session is None or agent is None:
-                return
-            gg = session.get_configuration()
+            self._reads += 1
+            read = self._reads
+        if session is None or agent is None:
+            return
+        gg = session.get_configuration()  # no lock held across the call
+        with self._apply_lock:
+            if read < self._applied_read:
+                return  # a later read was applied while this one was on the wire
+            self._applied_read = read
             try:
                 new = self.source.build(gg)
             except ConfigError as exc:
-                # Validation normally rejects this before it is applied; a local deployment or a first
-                # install skips validation. Keep running on the last good configuration.
+                # Validation normally rejects this before it is applied; a local deployment, a first
+                # install or nucleus lite (no validation at all) does not. Keep the last good configuration.
                 log.error("ignoring invalid configuration from the nucleus, keeping the current one: %s",
                           exc.message)
                 return

@@ -7,10 +7,18 @@ dropped connection is noticed: the client never reconnects by itself).
 
 Every call is bounded by a timeout: the V2 client's synchronous methods wait forever, and a
 nucleus that stops answering must not wedge a config apply or a deployment handshake.
+
+A failed connect says why (docs/greengrass.md, "IPC connection"): `NucleusUnavailable` when nobody
+listens on the socket (the nucleus is down or restarting: wait), `IdentityRefused` when the IPC server is
+up but refuses the component's identity. Nucleus lite keeps SVCUIDs only in memory, so after its IPC daemon
+(ggipcd) restarts it disconnects every client presenting the old one during the connect. A process in the
+component's unit can still authenticate by `componentName` (lite checks its cgroup), which the factory
+tries once before giving up; `GreengrassComponent` counts what is still refused.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import typing  # runtime-evaluated aliases below: collections.abc generics need Python >= 3.9
@@ -38,6 +46,39 @@ class NucleusError(Exception):
 
 class NotFound(NucleusError):
     """The nucleus answered ResourceNotFoundError (unknown component or key)."""
+
+
+class NucleusUnavailable(NucleusError):
+    """Nobody accepts connections on the IPC socket (no socket file, connection refused, connect timeout)."""
+
+
+class IdentityRefused(NucleusError):
+    """The IPC server accepted the socket connection but refused the component's identity: lite closes the
+    socket during the connect (its SVCUID is unknown, e.g. after a ggipcd restart), the classic nucleus
+    answers a CONNECT_ACK without CONNECTION_ACCEPTED."""
+
+
+#: awscrt error names of a socket nobody listens on (the nucleus is down or not started yet).
+_UNAVAILABLE = {"AWS_IO_SOCKET_CONNECTION_REFUSED", "AWS_IO_FILE_VALIDATION_FAILURE", "AWS_IO_SOCKET_TIMEOUT",
+                "AWS_ERROR_FILE_INVALID_PATH", "AWS_IO_SOCKET_INVALID_ADDRESS", "AWS_IO_NO_PERMISSION"}
+#: ... and of a server that hung up during the connect handshake (lite refusing an identity).
+_REFUSED = {"AWS_IO_SOCKET_CLOSED", "AWS_ERROR_IO_SOCKET_CLOSED", "AWS_IO_BROKEN_PIPE",
+            "AWS_IO_SOCKET_NOT_CONNECTED"}
+
+
+def classify_connect_error(exc: BaseException, where: str) -> NucleusError:
+    """The NucleusError a failed connect stands for (see the module docstring)."""
+    from awsiot.eventstreamrpc import AccessDeniedError
+
+    reason = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+    # AwsCrtError carries the name; some awscrt paths raise a RuntimeError("44 (AWS_ERROR_...): ...").
+    name = getattr(exc, "name", "") or next((n for n in (*_REFUSED, *_UNAVAILABLE) if n in reason), "")
+    if isinstance(exc, AccessDeniedError) or name in _REFUSED:
+        return IdentityRefused(f"the nucleus at {where} refused the connection: {name or reason}")
+    if name in _UNAVAILABLE or isinstance(exc, (TimeoutError, FileNotFoundError, ConnectionRefusedError)) or \
+            type(exc).__name__ == "TimeoutError":
+        return NucleusUnavailable(f"cannot connect to the nucleus at {where}: {name or reason}")
+    return NucleusError(f"cannot connect to the nucleus at {where}: {name or reason}")
 
 
 class NucleusSession(Protocol):
@@ -179,13 +220,16 @@ class AwsNucleusSession:
             executor.shutdown(wait=False)  # may run on one of its own threads: don't wait for itself
 
 
-def aws_session_factory(socket_path: str, svcuid: str, *, connect_timeout_s: float = DEFAULT_TIMEOUT_S,
+def aws_session_factory(socket_path: str, svcuid: str, *, component_name: str = "",
+                        connect_timeout_s: float = DEFAULT_TIMEOUT_S,
                         call_timeout_s: float = DEFAULT_TIMEOUT_S) -> SessionFactory:
-    """A SessionFactory connecting awsiotsdk's client to the nucleus at socket_path with token svcuid."""
+    """A SessionFactory connecting awsiotsdk's client to the nucleus at socket_path with token svcuid; when
+    the token is refused and component_name is given, once more as `{"componentName": component_name}`."""
 
-    def connect(on_lost: Callable[[], None]) -> NucleusSession:
-        from awsiot.eventstreamrpc import LifecycleHandler
-        from awsiot.greengrasscoreipc import connect as ipc_connect
+    def attempt(on_lost: Callable[[], None], payload: dict[str, str]) -> NucleusSession:
+        from awscrt.io import ClientBootstrap, DefaultHostResolver, EventLoopGroup, SocketDomain, SocketOptions
+        from awsiot.eventstreamrpc import Connection, LifecycleHandler, MessageAmendment
+        from awsiot.greengrasscoreipc.client import GreengrassCoreIPCClient
         from awsiot.greengrasscoreipc.clientv2 import GreengrassCoreIPCClientV2
 
         class Lifecycle(LifecycleHandler):  # type: ignore[misc]
@@ -193,12 +237,56 @@ def aws_session_factory(socket_path: str, svcuid: str, *, connect_timeout_s: flo
                 if reason is not None:  # None = we closed it ourselves
                     on_lost()
 
+        # What awsiot.greengrasscoreipc.connect() does, with the connect payload ours to choose.
+        elg = EventLoopGroup(num_threads=1)
+        options = SocketOptions()
+        options.domain = SocketDomain.Local
+        body = json.dumps(payload).encode()
+        bootstrap = ClientBootstrap(elg, DefaultHostResolver(elg))
+        connection = Connection(host_name=socket_path, port=0, bootstrap=bootstrap, socket_options=options,
+                                connect_message_amender=lambda: MessageAmendment(payload=body))
         try:
-            v1 = ipc_connect(ipc_socket=socket_path, authtoken=svcuid, lifecycle_handler=Lifecycle(),
-                             timeout=connect_timeout_s)
-        except Exception as exc:
-            reason = getattr(exc, "message", None) or str(exc) or type(exc).__name__
-            raise NucleusError(f"cannot connect to the nucleus at {socket_path}: {reason}") from exc
-        return AwsNucleusSession(GreengrassCoreIPCClientV2(client=v1), timeout_s=call_timeout_s)
+            connection.connect(Lifecycle()).result(connect_timeout_s)
+        except BaseException as exc:
+            connection.close()
+            if not isinstance(exc, Exception):
+                raise
+            raise classify_connect_error(exc, socket_path) from exc
+        return AwsNucleusSession(GreengrassCoreIPCClientV2(client=GreengrassCoreIPCClient(connection)),
+                                 timeout_s=call_timeout_s)
+
+    by_token, by_name = {"authToken": svcuid}, {"componentName": component_name}
+    # Once the token was refused and the name accepted, the token stays unknown to this nucleus: try the name
+    # first from then on (fewer refused connects, less noise at every later reconnect).
+    order = [by_token, by_name]
+
+    def connect(on_lost: Callable[[], None]) -> NucleusSession:
+        first, second = order
+        try:
+            return attempt(on_lost, first)
+        except IdentityRefused as exc:
+            if not component_name:
+                raise
+            log.info("%s; connecting %s instead", exc.message,
+                     f"as component {component_name} (nucleus lite forgets SVCUIDs when its IPC server restarts)"
+                     if second is by_name else "with the SVCUID")
+        session = attempt(on_lost, second)
+        order.reverse()
+        if second is by_name:
+            log.warning("Greengrass IPC: the nucleus no longer knew this component's SVCUID; connected as "
+                        "component %s", component_name)
+        return session
 
     return connect
+
+
+def unit_component_name(cgroup_text: str) -> str:
+    """The component nucleus lite runs this process for, from /proc/self/cgroup (its systemd unit is
+    ggl.<Name>.service, .install.service or .bootstrap.service); '' if none."""
+    import re
+
+    for line in cgroup_text.splitlines():
+        match = re.search(r"/ggl\.(.+?)(?:\.install|\.bootstrap)?\.service(?:/|$)", line)
+        if match:
+            return match.group(1)
+    return ""

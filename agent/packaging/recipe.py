@@ -1,20 +1,27 @@
 """The model component's Greengrass recipe: built in one place, used by packaging jobs and tests.
 
-Contract with the agent component (docs/packaging.md, "Model component contract"):
+Contract with the agent component (docs/packaging.md, "Model component contract"); one recipe for the
+classic nucleus and nucleus lite (docs/greengrass.md, "One recipe for both nuclei"):
 
 * The artifact is ``<Name>-<Version>_greengrass_model_component.zip`` (the LFV/DDA suffix), with
-  ``Unarchive: ZIP``; Greengrass unpacks it to ``{artifacts:decompressedPath}/<zip stem>/``, which
-  holds the model package at its top level (manifest.json + model files).
-* ``Install`` publishes that directory into the agent's models directory as a symlink named after
-  the component, replaced atomically (``ln -sfn`` to a hidden temporary name, then ``mv -T``), so
-  the agent's watcher never sees a missing or half-written entry and hot-swaps a RUNNING model.
-* No Shutdown (and no Run) step, on purpose: an Install-only component ends FINISHED, and the
-  nucleus runs a new version's Install without any Shutdown in between (docs/greengrass.md). A
-  Shutdown that removed the link would run on restarts that do not re-run Install (an agent
-  upgrade restarting its HARD dependents) and orphan the model. A removed component's artifacts
-  are deleted by the nucleus; the dangling link is the agent's removal signal.
-* The agent is a HARD dependency: that is what makes ``{com.edgeagent.EdgeAgent:work:path}``
-  resolvable here (the nucleus interpolates cross-component variables of direct dependencies only).
+  ``Unarchive: ZIP``. The classic nucleus (cloud and local deployments) and lite's cloud deployments unpack it
+  to ``{artifacts:decompressedPath}/<zip stem>/``; lite's local deployments leave that directory empty, so
+  the install step then unpacks it itself, once, into its own ``{work:path}/<zip stem>/``. Either holds the
+  model package at its top level (manifest.json + model files).
+* ``install`` publishes that directory into the agent's models directory,
+  ``{kernel:rootPath}/work/com.edgeagent.EdgeAgent/models`` (the agent's work path on both nuclei; lite has
+  no cross-component variables such as ``{com.edgeagent.EdgeAgent:work:path}``), as a symlink named after
+  the component, replaced atomically (``ln -sfn`` to a hidden temporary name, then ``mv -T``), so the agent's
+  watcher never sees a missing or half-written entry and hot-swaps a RUNNING model.
+* No shutdown (and no run) step, on purpose: an install-only component ends FINISHED, and the nucleus
+  runs a new version's install without any shutdown in between (docs/greengrass.md). A shutdown that
+  removed the link would run on restarts that do not re-run install (an agent upgrade restarting its HARD
+  dependents) and orphan the model. A removed component's artifacts are deleted by the nucleus; the
+  dangling link is the agent's removal signal.
+* The agent is a HARD dependency: the nucleus installs the agent first (its work directory exists) and
+  keeps the version range.
+* Nucleus lite's rules: ``Platform.runtime: "*"``, lowercase phase names, ``Uri``, and no ``{`` in the
+  script other than recipe variables; the script is POSIX sh (lite runs it with dash).
 """
 
 from __future__ import annotations
@@ -46,16 +53,33 @@ def artifact_stem(zip_name: str) -> str:
 
 
 def models_dir_variable(agent_component: str = AGENT_COMPONENT) -> str:
-    return f"{{{agent_component}:work:path}}/{MODELS_SUBDIR}"
+    """The agent's models dir in recipe variables both nuclei know (its work path on both)."""
+    return f"{{kernel:rootPath}}/work/{agent_component}/{MODELS_SUBDIR}"
 
 
 def install_script(component_name: str, stem: str, agent_component: str = AGENT_COMPONENT) -> str:
-    """Publish the unpacked package as <agent work>/models/<component_name>, atomically."""
+    """Publish the unpacked package as <agent work>/models/<component_name>, atomically; unpack the zip
+    first when the nucleus did not (lite's local deployments)."""
     models = models_dir_variable(agent_component)
-    tmp = f"{models}/.{component_name}.tmp"
-    return (f'mkdir -p "{models}" && '
-            f'ln -sfn "{{artifacts:decompressedPath}}/{stem}" "{tmp}" && '
-            f'mv -Tf "{tmp}" "{models}/{component_name}"')
+    return "\n".join([
+        "set -eu",
+        "umask 022",
+        f'M="{models}"',
+        f'D="{{artifacts:decompressedPath}}/{stem}"',
+        'if [ ! -f "$D/manifest.json" ]; then',
+        f'  D="{{work:path}}/{stem}"',
+        '  if [ ! -f "$D/manifest.json" ]; then',
+        '    rm -rf "$D.tmp"',
+        f'    python3 -m zipfile -e "{{artifacts:path}}/{stem}.zip" "$D.tmp"',
+        '    chmod -R a+rX "$D.tmp"',
+        '    mv "$D.tmp" "$D"',
+        "  fi",
+        "fi",
+        'mkdir -p "$M"',
+        f'ln -sfn "$D" "$M/.{component_name}.tmp"',
+        f'mv -Tf "$M/.{component_name}.tmp" "$M/{component_name}"',
+        "",
+    ])
 
 
 def model_component_recipe(
@@ -92,12 +116,12 @@ def model_component_recipe(
             agent_component: {"VersionRequirement": agent_version_requirement, "DependencyType": "HARD"},
         },
         "Manifests": [{
-            "Platform": {"os": os, "architecture": architecture},
+            "Platform": {"os": os, "architecture": architecture, "runtime": "*"},
             "Lifecycle": {
-                "Install": {"Script": install_script(component_name, stem, agent_component)},
+                "install": {"Script": install_script(component_name, stem, agent_component)},
             },
             "Artifacts": [{
-                "URI": artifact_uri,
+                "Uri": artifact_uri,
                 "Unarchive": "ZIP",
                 # Read: ALL so the agent (another component, maybe another user) can read the files.
                 "Permission": {"Read": "ALL", "Execute": "NONE"},
@@ -113,5 +137,13 @@ def render_json(recipe: Mapping[str, Any]) -> str:
 def render_yaml(recipe: Mapping[str, Any]) -> str:
     import yaml
 
+    class Dumper(yaml.SafeDumper):
+        pass
+
+    def text(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
+        # Scripts as literal blocks (`|`), readable as written; one-liners as PyYAML chooses.
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style="|" if "\n" in value else None)
+
+    Dumper.add_representer(str, text)
     # sort_keys=False keeps the documented order (RecipeFormatVersion first); width avoids folding scripts.
-    return str(yaml.safe_dump(dict(recipe), sort_keys=False, default_flow_style=False, width=100000))
+    return str(yaml.dump(dict(recipe), Dumper=Dumper, sort_keys=False, default_flow_style=False, width=100000))

@@ -46,8 +46,12 @@ def test_generated_grpc_module_serves_every_method_of_the_proto():
 def test_every_agent_module_imports():
     # Optional dependencies (boto3, yaml, matplotlib) are imported inside functions, so this needs none of them;
     # on Python 3.8 it catches what the end-to-end tests do not reach (e.g. a runtime-evaluated `list[int]`).
+    # The benchmark's peer-server adapters run inside the other servers' environments (mlserver, ...), not ours.
+    foreign = ("agent.tools.bench.peer_servers.",)
     failed = {}
     for module in pkgutil.walk_packages(agent.__path__, "agent."):
+        if module.name.startswith(foreign):
+            continue
         try:
             importlib.import_module(module.name)
         except Exception as exc:  # report them all, not the first

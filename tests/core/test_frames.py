@@ -308,3 +308,29 @@ def test_buffer_pool_reuses_and_bounds_idle_memory():
     big = pool.acquire(5000)
     pool.release(big)  # larger than the whole bound: never kept
     assert pool.idle_bytes <= 1000
+
+
+def test_mask_rows_are_repeated_into_the_segment_with_pwritev(shm_name):
+    # 3 distinct rows repeated into 2,500 target rows: more iovecs than one pwritev call takes (1024).
+    rows = np.arange(3 * 12, dtype=np.uint8).reshape(3, 12)
+    runs = (1000, 0, 1500)
+    nbytes = 12 * sum(runs)
+    path = segment(shm_name, b"\x11" * (nbytes + 40))
+    handle = ShmHandle(shm_name, nbytes, 20)
+    shm = SharedMemory()
+    with shm.mask_target(handle, nbytes) as target:
+        target.write_rows(rows, runs)
+        target.commit()
+    assert shm.pool.idle_bytes == 0  # no agent buffer of the mask's size was taken
+    data = path.read_bytes()
+    expected = np.repeat(rows, runs, axis=0).tobytes()
+    assert data[:20] == b"\x11" * 20 and data[20:20 + nbytes] == expected and data[20 + nbytes:] == b"\x11" * 20
+    with shm.mask_target(handle, nbytes) as target:
+        target.write_rows(rows, runs)
+        os.truncate(path, 60)  # shrunk while the model ran: refused, not regrown
+        with pytest.raises(InvalidInput, match="changed size during the request"):
+            target.commit()
+    assert path.stat().st_size == 60
+    with pytest.raises(ValueError, match="2 runs for 3 rows"):
+        with shm.mask_target(ShmHandle(shm_name, 60, 0), 36) as target:
+            target.write_rows(rows, (1, 2))

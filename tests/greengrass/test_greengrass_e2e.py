@@ -149,7 +149,7 @@ class GreengrassRoot:
         if step not in self.lifecycle(c):
             return
         script, env = self.step(c, step)
-        done = subprocess.run(["bash", "-c", script], cwd=self.work(c.name), env={**os.environ, **env},
+        done = subprocess.run(["sh", "-c", script], cwd=self.work(c.name), env={**os.environ, **env},
                               capture_output=True, text=True, timeout=30)
         assert done.returncode == 0, f"{c.name} {step} failed: {done.stdout}{done.stderr}"
 
@@ -205,7 +205,7 @@ class EmulatedNucleus:
         previous = self.root.components.get(MODEL)
         self.root.components[MODEL] = c
         self.ipc.set_configuration(config, component_name=MODEL)
-        self.root.run_step(c, "Install")  # FINISHED -> NEW -> Install: no Shutdown in between
+        self.root.run_step(c, "install")  # FINISHED -> NEW -> Install: no Shutdown in between
         published = time.monotonic()
         if events:
             self.ipc.send_post_update(deployment)
@@ -266,11 +266,11 @@ class AgentProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        script, setenv = self.gg.step(self.component, "Run")
+        script, setenv = self.gg.step(self.component, "run")
         env = {**os.environ, **setenv, "PYTHONPATH": str(ROOT), "SVCUID": TOKEN,
                "AWS_GG_NUCLEUS_DOMAIN_SOCKET_FILEPATH_FOR_COMPONENT": str(self.gg.root / "ipc.socket")}
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(["bash", "-c", script], cwd=self.gg.work(AGENT), env=env, stdout=log,
+            self.proc = subprocess.Popen(["sh", "-c", script], cwd=self.gg.work(AGENT), env=env, stdout=log,
                                          stderr=subprocess.STDOUT)
 
     def stop(self) -> int:
@@ -473,3 +473,28 @@ def test_stop_model_is_remembered_across_restarts(env: Env, onnx_model: Path) ->
     time.sleep(0.5)
     assert status(stub)[0] == "STOPPED"
     assert env.agent.stop() == 0
+
+
+def test_a_forgotten_identity_makes_the_agent_exit_for_a_fresh_one(env: Env) -> None:
+    """Nucleus lite after its IPC daemon restarted: the old SVCUID is refused (socket closed during the
+    connect), and here the componentName connect too (this process is in no lite unit). The agent keeps
+    serving meanwhile, then exits 75 so the nucleus restarts it with a fresh identity; a nucleus that is merely
+    down does not count."""
+    stub = start_agent(env)
+    env.ipc.stop()  # down: connection refused, for longer than five refusals would take
+    time.sleep(4.0)
+    assert env.agent.proc is not None and env.agent.proc.poll() is None, env.agent.log()
+    stub.ListModels(pb.ListModelsRequest(), timeout=2)  # the gRPC service never depended on the nucleus
+    restarted = FakeNucleus(env.ipc.socket_path, "A-NEW-SVCUID-123", AGENT, env.ipc.configuration())
+    restarted.refuse_by_closing = True
+    with restarted:
+        started = time.monotonic()
+        status_code = env.agent.proc.wait(30)
+        took = time.monotonic() - started
+    log = env.agent.log()
+    assert status_code == 75, log
+    attempts = restarted.connect_attempts
+    assert [a.auth_token is not None for a in attempts][:4] == [True, False, True, False]  # token, then by name
+    assert not any(a.accepted for a in attempts)
+    assert "refused this component's identity 5 times" in log
+    print(f"\nidentity refused: the agent exited 75 after {took:.1f} s ({len(attempts)} connects)")

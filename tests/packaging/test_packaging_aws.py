@@ -114,7 +114,7 @@ def test_aws_mode_uploads_to_s3_and_creates_the_component(tmp_path: Path, onnx_m
     assert "manifest.json" in names and "model.onnx" in names
     recipe = json.loads(sent[0]["inlineRecipe"])
     assert recipe["ComponentName"] == "demo.model" and recipe["ComponentVersion"] == "1.0.0"
-    assert recipe["Manifests"][0]["Artifacts"][0]["URI"] == f"s3://my-bucket/{key}"
+    assert recipe["Manifests"][0]["Artifacts"][0]["Uri"] == f"s3://my-bucket/{key}"
     assert recipe["ComponentDependencies"][AGENT_COMPONENT]["DependencyType"] == "HARD"
     assert not (tmp_path / "home" / "greengrass").exists()  # nothing went to the local tree
 

@@ -86,9 +86,9 @@ def test_package_install_serve_detect(tmp_path: Path) -> None:
     import yaml
 
     recipe = yaml.safe_load(recipe_text)
-    install = recipe["Manifests"][0]["Lifecycle"]["Install"]["Script"]
+    install = recipe["Manifests"][0]["Lifecycle"]["install"]["Script"]
     install = install.replace("{artifacts:decompressedPath}", str(decompressed)).replace(
-        f"{{{AGENT_COMPONENT}:work:path}}", str(agent_work))
+        "{kernel:rootPath}", str(tmp_path / "gg")).replace("{work:path}", str(tmp_path / "gg" / "work" / "demo.model"))
     subprocess.run(["sh", "-c", install], check=True, timeout=10)
 
     socket_path = tmp_path / "agent.sock"

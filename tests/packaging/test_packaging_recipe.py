@@ -16,6 +16,7 @@ import yaml
 
 from agent.core.package import build_package, load_package
 from agent.errors import PackageError
+from agent.greengrass.recipe import both_nuclei_problems
 from agent.packaging.compile import compile_model, resolve_target
 from agent.packaging.output import build_artifact, check_artifact, deployment_request, local_deployment_command
 from agent.packaging.recipe import (
@@ -45,12 +46,13 @@ def test_recipe_shape() -> None:
     assert r["ComponentDependencies"] == {AGENT_COMPONENT: {"VersionRequirement": ">=0.1.0 <1.0.0",
                                                             "DependencyType": "HARD"}}
     (manifest,) = r["Manifests"]
-    assert manifest["Platform"] == {"os": "linux", "architecture": "aarch64"}
+    assert manifest["Platform"] == {"os": "linux", "architecture": "aarch64", "runtime": "*"}  # both nuclei
     (artifact,) = manifest["Artifacts"]
-    assert artifact["URI"] == "s3://bkt/p/demo.model-1.2.3_greengrass_model_component.zip"
+    assert artifact["Uri"] == "s3://bkt/p/demo.model-1.2.3_greengrass_model_component.zip"
     assert artifact["Unarchive"] == "ZIP" and artifact["Permission"]["Read"] == "ALL"
     # Install only: a Shutdown/Run step would unpublish the model on restarts that skip Install.
-    assert set(manifest["Lifecycle"]) == {"Install"}
+    assert set(manifest["Lifecycle"]) == {"install"}
+    assert both_nuclei_problems(r) == []
     assert recipe(autostart=True)["ComponentConfiguration"]["DefaultConfiguration"]["Autostart"] is True
 
 
@@ -66,39 +68,79 @@ def test_yaml_and_json_render_the_same_recipe() -> None:
     assert render_yaml(r).startswith("RecipeFormatVersion: '2020-01-25'\n")
 
 
-def _interpolate(script: str, decompressed: Path, agent_work: Path) -> str:
-    """What the nucleus does with the recipe variables (cross-component: direct dependency)."""
-    out = script.replace("{artifacts:decompressedPath}", str(decompressed))
-    out = out.replace(f"{{{AGENT_COMPONENT}:work:path}}", str(agent_work))
-    assert not re.search(r"\{[\w.:-]+\}", out), out
-    return out
+class Root:
+    """A nucleus root as both nuclei lay it out, and their interpolation of the model component's install."""
+
+    def __init__(self, root: Path, name: str = "demo.model") -> None:
+        self.root, self.name = root, name
+        self.agent_work = root / "work" / AGENT_COMPONENT
+
+    def artifacts(self, version: str) -> Path:
+        return self.root / "packages" / "artifacts" / self.name / version
+
+    def decompressed(self, version: str) -> Path:
+        return self.root / "packages" / "artifacts-unarchived" / self.name / version
+
+    def install(self, version: str, package: Path, *, unarchived: bool, lite: bool = False) -> str:
+        """Place the artifact (unpacked too when the nucleus unarchives: classic, lite cloud deployments), then
+        run the install step the way the nucleus does (lite: paths end with `/`, script run by /bin/sh)."""
+        zip_name = artifact_name(self.name, version)
+        build_artifact(package, self.artifacts(version) / zip_name)
+        self.decompressed(version).mkdir(parents=True, exist_ok=True)  # lite makes it, empty, for local ones
+        if unarchived:
+            with zipfile.ZipFile(self.artifacts(version) / zip_name) as z:
+                z.extractall(self.decompressed(version) / zip_name[:-4])
+        work = self.root / "work" / self.name
+        work.mkdir(parents=True, exist_ok=True)
+        slash = "/" if lite else ""
+        values = {"{artifacts:decompressedPath}": f"{self.decompressed(version)}{slash}",
+                  "{artifacts:path}": f"{self.artifacts(version)}{slash}", "{work:path}": f"{work}{slash}",
+                  "{kernel:rootPath}": str(self.root)}
+        script = recipe(component_version=version, artifact_uri=f"s3://b/{zip_name}")["Manifests"][0][
+            "Lifecycle"]["install"]["Script"]
+        for variable, value in values.items():
+            script = script.replace(variable, value)
+        assert not re.search(r"\{[\w.:-]+\}", script), script
+        subprocess.run(["sh", "-c", script], cwd=work, check=True, timeout=20)
+        return zip_name[:-4]
 
 
-def test_lifecycle_publishes_and_swaps_the_model_link(tmp_path: Path) -> None:
-    agent_work = tmp_path / "work" / AGENT_COMPONENT
-    installed = []
+def _package(root: Path, version: str) -> Path:
+    pkg = root / f"pkg-{version}"
+    pkg.mkdir(parents=True)
+    (pkg / "manifest.json").write_text(version)
+    (pkg / "model.onnx").write_bytes(b"\0" * 10)
+    return pkg
+
+
+@pytest.mark.parametrize("unarchived", [True, False], ids=["nucleus-unpacked", "lite-local-deployment"])
+def test_lifecycle_publishes_and_swaps_the_model_link(tmp_path: Path, unarchived: bool) -> None:
+    gg = Root(tmp_path / "gg")
     for version in ("1.0.0", "1.0.1"):
-        zip_name = artifact_name("demo.model", version)
-        decompressed = tmp_path / "packages" / "artifacts-unarchived" / "demo.model" / version
-        (decompressed / zip_name[:-4]).mkdir(parents=True)
-        (decompressed / zip_name[:-4] / "manifest.json").write_text(version)
-        lifecycle = recipe(component_version=version, artifact_uri=f"s3://b/{zip_name}")["Manifests"][0]["Lifecycle"]
-        subprocess.run(["sh", "-c", _interpolate(lifecycle["Install"]["Script"], decompressed, agent_work)],
-                       check=True, timeout=10)
-        link = agent_work / "models" / "demo.model"
+        stem = gg.install(version, _package(tmp_path, version), unarchived=unarchived, lite=not unarchived)
+        link = gg.agent_work / "models" / "demo.model"
         assert link.is_symlink() and (link / "manifest.json").read_text() == version
-        installed.append(lifecycle)
-    assert sorted(os.listdir(agent_work / "models")) == ["demo.model"]  # no temporary link left behind
+        expected = gg.decompressed(version) / stem if unarchived else gg.root / "work" / "demo.model" / stem
+        assert link.resolve() == expected.resolve()
+        assert oct((link / "model.onnx").stat().st_mode & 0o777) == "0o644"  # readable by the agent's user
+    assert sorted(os.listdir(gg.agent_work / "models")) == ["demo.model"]  # no temporary link left behind
+
+
+def test_self_unpacked_package_is_reused_on_reinstall(tmp_path: Path) -> None:
+    """Install re-runs on every nucleus start: lite's local deployment unpacks once, then only relinks."""
+    gg = Root(tmp_path / "gg")
+    stem = gg.install("1.0.0", _package(tmp_path, "1.0.0"), unarchived=False, lite=True)
+    unpacked = gg.root / "work" / "demo.model" / stem
+    marker = unpacked / "seen"
+    marker.write_text("x")
+    gg.install("1.0.0", tmp_path / "pkg-1.0.0", unarchived=False, lite=True)
+    assert marker.exists()
 
 
 def test_install_script_quotes_paths_with_spaces(tmp_path: Path) -> None:
-    agent_work = tmp_path / "green grass" / "work"
-    zip_name = artifact_name("demo.model", "1.2.3")
-    decompressed = tmp_path / "green grass" / "unarchived"
-    (decompressed / zip_name[:-4]).mkdir(parents=True)
-    script = recipe()["Manifests"][0]["Lifecycle"]["Install"]["Script"]
-    subprocess.run(["sh", "-c", _interpolate(script, decompressed, agent_work)], check=True, timeout=10)
-    assert (agent_work / "models" / "demo.model").resolve() == (decompressed / zip_name[:-4]).resolve()
+    gg = Root(tmp_path / "green grass")
+    stem = gg.install("1.2.3", _package(tmp_path, "1.2.3"), unarchived=True)
+    assert (gg.agent_work / "models" / "demo.model").resolve() == (gg.decompressed("1.2.3") / stem).resolve()
 
 
 def test_artifact_zip_is_safe_and_reproducible(tmp_path: Path) -> None:

@@ -9,7 +9,13 @@ import pytest
 from agent.core.pipeline import Anomaly, Detection
 from agent.serving.grpc._generated import edge_agent_pb2 as pb
 from agent.serving.grpc.servicer import to_response
-from agent.serving.grpc.wire import InlineMaskResponse, serialize_detect_response
+from agent.serving.grpc.wire import (
+    DetectRequestView,
+    InlineMaskResponse,
+    _header,
+    decode_detect_request,
+    serialize_detect_response,
+)
 
 
 def _reference(detection: Detection) -> pb.DetectAnomaliesResponse:
@@ -56,3 +62,74 @@ def test_a_mask_that_is_not_contiguous_is_refused_loudly() -> None:
     mask = np.zeros((4, 6, 3), dtype=np.uint8)[:, ::2]
     with pytest.raises(TypeError):
         InlineMaskResponse(pb.DetectAnomaliesResponse(), mask, 3, 4).SerializeToString()
+
+
+# -- requests in: decode_detect_request ---------------------------------------------------------------
+
+def _as_message(decoded: pb.DetectAnomaliesRequest | DetectRequestView) -> pb.DetectAnomaliesRequest:
+    if isinstance(decoded, DetectRequestView):
+        message = pb.DetectAnomaliesRequest()
+        message.CopyFrom(decoded.message)
+        assert decoded.message.bitmap.WhichOneof("data") is None
+        message.bitmap.byte_data = bytes(decoded.byte_data)
+        return message
+    return decoded
+
+
+def _key(number: int, wire: int) -> bytes:
+    return bytes([number << 3 | wire])
+
+
+FRAME = bytes(range(256)) * 50
+PLAIN = pb.DetectAnomaliesRequest(model_component="cam-1", bitmap=pb.Bitmap(width=64, height=48, byte_data=FRAME))
+MASK = pb.AnomalyMaskParams(shared_memory_handle=pb.SharedMemoryHandle(name="/m", size=9, offset=3))
+SHM = pb.Bitmap(width=2, height=3, shared_memory_handle=pb.SharedMemoryHandle(name="/f", size=18))
+LAYOUTS = {
+    "plain": PLAIN.SerializeToString(),
+    "with mask params": pb.DetectAnomaliesRequest(model_component="ü", bitmap=PLAIN.bitmap,
+                                                  anomaly_mask_params=MASK).SerializeToString(),
+    "fields reversed": _header(3, len(MASK.SerializeToString())) + MASK.SerializeToString()
+    + PLAIN.SerializeToString(),
+    "byte_data first in the bitmap": pb.DetectAnomaliesRequest(model_component="x").SerializeToString()
+    + _header(2, len(_header(3, len(FRAME))) + len(FRAME) + 4) + _header(3, len(FRAME)) + FRAME
+    + _key(1, 0) + b"\x05" + _key(2, 0) + b"\x07",
+    "unknown fields": PLAIN.SerializeToString() + _key(9, 0) + b"\x01" + _key(10, 2) + b"\x02ab",
+    "empty byte_data": pb.DetectAnomaliesRequest(bitmap=pb.Bitmap(width=1, byte_data=b"")).SerializeToString(),
+    "bitmap twice (merged)": PLAIN.SerializeToString() + pb.DetectAnomaliesRequest(
+        bitmap=pb.Bitmap(height=7, byte_data=b"abc")).SerializeToString(),
+    "byte_data then shm (oneof: last wins)": PLAIN.SerializeToString() + pb.DetectAnomaliesRequest(
+        bitmap=SHM).SerializeToString(),
+    "shm then byte_data": pb.DetectAnomaliesRequest(bitmap=SHM).SerializeToString() + PLAIN.SerializeToString(),
+    "shm only": pb.DetectAnomaliesRequest(model_component="a", bitmap=SHM, anomaly_mask_params=MASK)
+    .SerializeToString(),
+    "no bitmap": pb.DetectAnomaliesRequest(model_component="a").SerializeToString(),
+    "empty": b"",
+    "bitmap as a varint": _key(2, 0) + b"\x05",
+    "byte_data as a varint": _key(2, 2) + b"\x02" + _key(3, 0) + b"\x05",
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_decoded_requests_equal_protobufs_parse(layout: str) -> None:
+    raw = LAYOUTS[layout]
+    decoded = decode_detect_request(raw)
+    assert _as_message(decoded) == pb.DetectAnomaliesRequest.FromString(raw)
+    if layout in ("plain", "with mask params", "fields reversed", "byte_data first in the bitmap",
+                  "unknown fields", "empty byte_data"):
+        assert isinstance(decoded, DetectRequestView)  # the fast path: the frame is not copied
+        assert decoded.byte_data.obj is raw
+
+
+@pytest.mark.parametrize("raw", [
+    pb.DetectAnomaliesRequest(model_component="x", bitmap=PLAIN.bitmap).SerializeToString()[:-10],  # truncated
+    _key(1, 2) + b"\x02\xff\xfe" + PLAIN.SerializeToString(),  # model_component not UTF-8, frame in place
+    _key(2, 2) + b"\x05" + _key(3, 2) + b"\x09abc",  # byte_data runs past its bitmap
+    _key(2, 3) + b"\x00",  # a group: not proto3
+    b"\xff" * 11,  # a varint that never ends
+])
+def test_undecodable_requests_raise_as_protobuf_does(raw: bytes) -> None:
+    with pytest.raises(Exception) as ours:
+        decode_detect_request(raw)
+    with pytest.raises(Exception) as theirs:
+        pb.DetectAnomaliesRequest.FromString(raw)
+    assert type(ours.value) is type(theirs.value)

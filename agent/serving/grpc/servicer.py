@@ -19,7 +19,12 @@ from agent.serving.grpc._generated import edge_agent_pb2 as pb
 from agent.serving.grpc._generated import edge_agent_pb2_grpc as pb_grpc
 from agent.serving.grpc.guard import Undecodable, abort_undecodable, tolerant
 from agent.serving.grpc.status import grpc_status
-from agent.serving.grpc.wire import InlineMaskResponse, serialize_detect_response
+from agent.serving.grpc.wire import (
+    DetectRequestView,
+    InlineMaskResponse,
+    decode_detect_request,
+    serialize_detect_response,
+)
 
 log = logging.getLogger(__name__)
 Handler = TypeVar("Handler", bound=typing.Callable[..., Any])
@@ -49,10 +54,13 @@ def _handle(msg: pb.SharedMemoryHandle, what: str) -> ShmHandle:
     return ShmHandle(msg.name, int(msg.size), int(msg.offset))
 
 
-def to_request(request: pb.DetectAnomaliesRequest) -> DetectRequest:
+def to_request(request: pb.DetectAnomaliesRequest | DetectRequestView) -> DetectRequest:
+    data: bytes | memoryview | None = None
+    shm = mask_shm = None
+    if isinstance(request, DetectRequestView):  # byte_data located in the received bytes (wire.py)
+        data, request = request.byte_data, request.message
     bitmap = request.bitmap
-    data = shm = mask_shm = None
-    which = bitmap.WhichOneof("data")
+    which = bitmap.WhichOneof("data")  # None for a DetectRequestView's message
     if which == "byte_data":
         data = bitmap.byte_data
     elif which == "shared_memory_handle":
@@ -126,13 +134,15 @@ def add_to_server(servicer: EdgeAgentServicer, server: grpc.Server) -> None:
     """The generated add_EdgeAgentServicer_to_server, except that DetectAnomalies' responses go through
     serialize_detect_response (so an InlineMaskResponse can be returned), and that request bodies that don't
     decode become INVALID_ARGUMENT (guard.py says why). Same service, methods, types."""
-    def unary(method: Callable[..., Any], request: Any, serialize: Callable[[Any], bytes]) -> grpc.RpcMethodHandler:
-        decode = tolerant(request.FromString, request.DESCRIPTOR.full_name)
+    def unary(method: Callable[..., Any], request: Any, serialize: Callable[[Any], bytes],
+              deserialize: Callable[[bytes], Any] | None = None) -> grpc.RpcMethodHandler:
+        decode = tolerant(deserialize or request.FromString, request.DESCRIPTOR.full_name)
         return grpc.unary_unary_rpc_method_handler(method, request_deserializer=decode,
                                                    response_serializer=serialize)
 
     handlers = {
-        "DetectAnomalies": unary(servicer.DetectAnomalies, pb.DetectAnomaliesRequest, serialize_detect_response),
+        "DetectAnomalies": unary(servicer.DetectAnomalies, pb.DetectAnomaliesRequest, serialize_detect_response,
+                                 decode_detect_request),
         "StartModel": unary(servicer.StartModel, pb.StartModelRequest, pb.StartModelResponse.SerializeToString),
         "StopModel": unary(servicer.StopModel, pb.StopModelRequest, pb.StopModelResponse.SerializeToString),
         "ListModels": unary(servicer.ListModels, pb.ListModelsRequest, pb.ListModelsResponse.SerializeToString),

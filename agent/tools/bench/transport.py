@@ -24,7 +24,7 @@ from agent.runtime.memory import tune_malloc
 from agent.serving.grpc._generated import edge_agent_pb2 as pb
 from agent.serving.grpc.server import build_server
 from agent.serving.grpc.servicer import EdgeAgentServicer, add_to_server
-from agent.serving.grpc.wire import InlineMaskResponse
+from agent.serving.grpc.wire import DetectRequestView, InlineMaskResponse
 
 
 class TransportOnlyServicer(EdgeAgentServicer):
@@ -33,20 +33,24 @@ class TransportOnlyServicer(EdgeAgentServicer):
     def __init__(self) -> None:
         self._masks: dict[tuple[int, int], np.ndarray] = {}
 
-    def DetectAnomalies(self, request: pb.DetectAnomaliesRequest, context: grpc.ServicerContext) -> Any:  # noqa: N802
-        bitmap = request.bitmap
+    def DetectAnomalies(self, request: pb.DetectAnomaliesRequest | DetectRequestView,  # noqa: N802
+                        context: grpc.ServicerContext) -> Any:
+        # The agent's own request decoder (add_to_server): byte_data arrives as a view of the received bytes.
+        inline = isinstance(request, DetectRequestView)
+        message = request.message if isinstance(request, DetectRequestView) else request
+        bitmap = message.bitmap
         width, height = bitmap.width, bitmap.height
         response = pb.DetectAnomaliesResponse()
         result = response.detect_anomaly_result
         result.anomaly_score, result.anomaly_threshold, result.confidence = 0.1, 0.5, 0.9
-        if bitmap.WhichOneof("data") == "byte_data":
-            _ = bitmap.byte_data  # the agent reads the frame out of the message: so does this
+        if inline or bitmap.WhichOneof("data") == "byte_data":
+            _ = request.byte_data if isinstance(request, DetectRequestView) else bitmap.byte_data  # as the agent
             mask = self._masks.get((width, height))
             if mask is None:
                 mask = self._masks[width, height] = np.zeros((height, width, 3), dtype=np.uint8)
             return InlineMaskResponse(response, mask, width, height)
         handle = result.anomaly_mask.shared_memory_handle
-        handle.CopyFrom(request.anomaly_mask_params.shared_memory_handle)
+        handle.CopyFrom(message.anomaly_mask_params.shared_memory_handle)
         result.anomaly_mask.width, result.anomaly_mask.height = width, height
         return response
 
