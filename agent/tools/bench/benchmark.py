@@ -647,15 +647,16 @@ def _plot(report: Report, path: Path) -> bool:
 
 # -- command line ----------------------------------------------------------------------------------
 
-def _csv(value: str) -> tuple[str, ...]:
+def csv_list(value: str) -> tuple[str, ...]:
+    """A comma-separated option as a tuple of its non-empty items (also used by bench-peers)."""
     return tuple(v.strip() for v in value.split(",") if v.strip())
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=ROOT / "docs", help="directory for benchmarks.md/.json/.png")
-    p.add_argument("--models", type=_csv, default=MODELS, help="comma list of tiny,patchcore")
-    p.add_argument("--frames", type=_csv, default=tuple(FRAMES), help="comma list of " + ",".join(FRAMES))
-    p.add_argument("--clients", type=lambda v: tuple(int(c) for c in _csv(v)), default=(1, 4),
+    p.add_argument("--models", type=csv_list, default=MODELS, help="comma list of tiny,patchcore")
+    p.add_argument("--frames", type=csv_list, default=tuple(FRAMES), help="comma list of " + ",".join(FRAMES))
+    p.add_argument("--clients", type=lambda v: tuple(int(c) for c in csv_list(v)), default=(1, 4),
                    help="comma list of concurrent clients (default 1,4)")
     p.add_argument("--scale", type=float, default=1.0, help="multiply the request counts (default 1)")
     p.add_argument("--cap", type=float, default=8.0, help="time cap per configuration and mode, s (default 8)")

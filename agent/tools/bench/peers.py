@@ -842,16 +842,14 @@ def _plot(report: PeerReport, path: Path) -> bool:
 
 # -- command line ---------------------------------------------------------------------------------------
 
-def _csv(value: str) -> tuple[str, ...]:
-    return tuple(v.strip() for v in value.split(",") if v.strip())
-
-
 def main(argv: list[str] | None = None) -> int:
+    from agent.tools.bench.benchmark import csv_list
+
     p = argparse.ArgumentParser(prog="bench-peers", description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--out", type=Path, default=ROOT / "docs", help="directory of benchmarks.md (default docs)")
-    p.add_argument("--peers", type=_csv, default=tuple(PEERS), help="comma list of " + ",".join(PEERS))
-    p.add_argument("--models", type=_csv, default=MODELS, help="comma list of tiny,patchcore")
-    p.add_argument("--clients", type=lambda v: tuple(int(c) for c in _csv(v)), default=(1, 4))
+    p.add_argument("--peers", type=csv_list, default=tuple(PEERS), help="comma list of " + ",".join(PEERS))
+    p.add_argument("--models", type=csv_list, default=MODELS, help="comma list of tiny,patchcore")
+    p.add_argument("--clients", type=lambda v: tuple(int(c) for c in csv_list(v)), default=(1, 4))
     p.add_argument("--scale", type=float, default=1.0, help="multiply the request counts (default 1)")
     p.add_argument("--cap", type=float, default=15.0, help="time cap per configuration and mode, s (default 15)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds per configuration (default 3)")
