@@ -260,7 +260,6 @@ def serve(cli: Mapping[str, Any], environ: Mapping[str, str] = os.environ) -> in
         component = GreengrassComponent(connect, ConfigSource(gg.work_path, environ, cli))
         config = component.initial_config()
     configure(config.log_level, config.log_format)
-    from agent.app import Agent
     from agent.runtime.memory import tune_malloc
 
     tune_malloc(config.malloc_mmap_threshold_mb)
