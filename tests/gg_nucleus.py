@@ -1013,3 +1013,13 @@ class _Deadline:
 
     def remaining(self) -> float:
         return max(0.0, self._end - time.monotonic())
+
+
+def until(predicate: Callable[[], Any], timeout: float = 5.0) -> bool:
+    """Poll predicate every 10 ms until it is true or timeout passes; its last value (the component tests' wait)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return bool(predicate())

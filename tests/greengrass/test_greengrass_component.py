@@ -21,6 +21,7 @@ from gg_nucleus import (
     OP_SUBSCRIBE_TO_CONFIGURATION_UPDATE,
     OP_SUBSCRIBE_TO_VALIDATE_CONFIGURATION_UPDATES,
     FakeNucleus,
+    until,
 )
 
 from agent.app import Agent
@@ -93,15 +94,6 @@ def harness(nucleus: FakeNucleus, workdir: Path) -> Iterator[Harness]:
         yield h
     finally:
         h.close()
-
-
-def until(predicate: Any, timeout: float = WAIT_S) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return bool(predicate())
 
 
 # --- detection and start-up ------------------------------------------------------------------

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from gg_nucleus import OP_GET_CONFIGURATION, OP_SUBSCRIBE_TO_CONFIGURATION_UPDATE, FakeNucleus
+from gg_nucleus import OP_GET_CONFIGURATION, OP_SUBSCRIBE_TO_CONFIGURATION_UPDATE, FakeNucleus, until
 
 from agent.app import Agent
 from agent.greengrass import COMPONENT_NAME, detect
@@ -39,15 +39,6 @@ def nucleus(short_tmp: Path) -> Iterator[FakeNucleus]:
     with FakeNucleus(str(short_tmp / "ipc.socket"), TOKEN, COMPONENT_NAME, config(short_tmp)) as fake:
         fake.refuse_by_closing = True  # as nucleus lite's ggipcd does
         yield fake
-
-
-def until(predicate: Any, timeout: float = WAIT_S) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return bool(predicate())
 
 
 class Following:
