@@ -25,6 +25,7 @@ from agent.core.inference import DetectObserver, InferenceService
 from agent.core.lifecycle import ModelRegistry, RegistryListener, RegistrySettings
 from agent.core.masks import MaskPolicy
 from agent.core.pipeline import Clock, Detection
+from agent.core.resize import ResizeWorkers
 from agent.logs import configure
 from agent.runtime.base import ModelRuntime
 from agent.runtime.onnx import OnnxRuntime, OnnxRuntimeOptions
@@ -91,9 +92,11 @@ class Agent:
         self._component_models = component_models
         # The one admission bound of the whole server (agent/core/admission.py): fixed by GrpcWorkers.
         self.capacity = Capacity(detect_capacity(config))
+        # Shared by every model: the threads that resize row bands of large frames (agent/core/resize.py).
+        self.resize_workers = ResizeWorkers(config.resize_threads or ResizeWorkers.auto_threads())
         self.registry = ModelRegistry(self.runtime, registry_settings(config), clock=clock,
                                       listeners=[self.metrics, self.health, *(listeners or [])],
-                                      capacity=self.capacity)
+                                      capacity=self.capacity, resize_workers=self.resize_workers)
         self.metrics.watch_admission(self.registry)
         observers = [self.metrics] + ([observer] if observer is not None else [])
         self.inference = InferenceService(self.registry, clock=clock, observer=_Observers(observers),
@@ -203,6 +206,7 @@ class Agent:
                 log.warning("requests still arriving or running after %.0fs; stopping anyway", grace)
             self._server.stop(max(deadline - time.monotonic(), 0.0)).wait()
         self.registry.close()
+        self.resize_workers.close()
         try:
             Path(self.config.socket_path).unlink(missing_ok=True)
         except OSError:

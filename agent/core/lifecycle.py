@@ -35,6 +35,7 @@ import numpy as np
 from agent.core.admission import Capacity, Gate
 from agent.core.package import ModelPackage
 from agent.core.pipeline import Clock, Predictor
+from agent.core.resize import ResizeWorkers
 from agent.errors import AgentError, InvalidModelState, ModelNotFound
 from agent.logs import model_context
 from agent.runtime.base import ModelRuntime, RuntimeSession
@@ -159,12 +160,14 @@ class ModelRegistry:
         listeners: list[RegistryListener] | None = None,
         loader_threads: int = 2,
         capacity: Capacity | None = None,
+        resize_workers: ResizeWorkers | None = None,
     ) -> None:
         self._runtime = runtime
         self._settings = settings
         self._clock = clock
         self._listeners = list(listeners or [])
         self._capacity = capacity
+        self._resize_workers = resize_workers
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)  # a holder let go, or a stop finished
         self._models: dict[str, _Model] = {}
@@ -326,7 +329,7 @@ class ModelRegistry:
             session = self._runtime.load(package)
             if job.cancelled.is_set():
                 raise _Cancelled()
-            predictor = Predictor(package, session, self._clock)
+            predictor = Predictor(package, session, self._clock, resize_workers=self._resize_workers)
             t1 = self._clock()
             predictor.warmup(self._settings.warmup_runs, np.random.default_rng(0))
             t2 = self._clock()

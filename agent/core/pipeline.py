@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
-from PIL import Image
 
 from agent.core import masks
 from agent.core.masks import MaskPolicy
 from agent.core.package import ModelPackage
+from agent.core.resize import ResizeWorkers, pillow_bilinear
 from agent.errors import InferenceFailed, ModelLoadError
 from agent.runtime.base import RuntimeSession
 
@@ -107,10 +107,12 @@ class Predictor:
     """Runs one package's model on HxWx3 uint8 RGB images. Thread-safe (no per-call state)."""
 
     def __init__(self, package: ModelPackage, session: RuntimeSession, clock: Clock = time.perf_counter, *,
-                 fast_reduce: bool = True) -> None:
+                 fast_reduce: bool = True, resize_workers: ResizeWorkers | None = None) -> None:
         """fast_reduce: for "bilinear" (Pillow) packages, do Pillow's reducing_gap box reduction with
-        OpenCV on the 3-byte frame when it is large (see reduce_frame: within 1 grey level of Pillow's
-        output). False: Pillow alone, the reference pipeline (the benchmark's floor uses it)."""
+        OpenCV on the 3-byte frame when it is large (resize.reduce_frame: within 1 grey level of Pillow's
+        output). False: Pillow alone, the reference pipeline (the benchmark's floor uses it).
+        resize_workers: threads that resize row bands of large frames alongside the request's own
+        (resize.pillow_bilinear); None: the request's thread alone."""
         self.package = package
         self.session = session
         self.clock = clock
@@ -126,6 +128,7 @@ class Predictor:
         self._dda = package.semantics == "dda"
         self._resampler = package.resampler
         self._fast_reduce = fast_reduce
+        self._resize_workers = resize_workers
         # /255 and mean/std fused into one multiply-add per channel in float32 over the whole CHW
         # tensor (a per-channel lookup-table gather with np.take measured 2-3x slower).
         self._scale, self._bias = self._affine(package)
@@ -197,7 +200,7 @@ class Predictor:
             # cv2.resize as DDA calls it (dsize = (width, height)), on the uint8 RGB frame.
             src = image if image.flags.c_contiguous else np.ascontiguousarray(image)
             return np.asarray(cv2.resize(src, (width, height), interpolation=int(self.package.interpolation)))
-        return pillow_bilinear(image, (width, height), self._fast_reduce)
+        return pillow_bilinear(image, (width, height), self._fast_reduce, self._resize_workers)
 
     def preprocess(self, image: np.ndarray) -> np.ndarray:
         width, height = self.size
@@ -380,72 +383,6 @@ class Predictor:
         width, height = self.mask_size(*self.size) if self._dda else self.size
         for _ in range(runs):
             self.predict(rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8))
-
-
-#: Pillow's reducing_gap for "bilinear" packages: an integer-factor box reduction first, so large frames
-#: resize fast (and the result is what the project's packages were made with).
-REDUCING_GAP = 3.0
-#: reduce_frame is used when Pillow's reduction averages at least this many pixels per output pixel.
-#: Below it OpenCV's reduction is no faster than Pillow's (1920x1080 -> 224: a 2x1 reduction, measured
-#: 2.7-5.4 ms against 2.2 ms + the RGBX copy; docs/benchmarks-notes.md).
-FAST_REDUCE_MIN_PIXELS = 4
-
-
-def reduce_factors(width: int, height: int, size: tuple[int, int]) -> tuple[int, int]:
-    """Pillow's Image.resize(size, BILINEAR, reducing_gap=REDUCING_GAP) reduction factors for a full frame."""
-    return (int(width / size[0] / REDUCING_GAP) or 1, int(height / size[1] / REDUCING_GAP) or 1)
-
-
-def pillow_bilinear(image: np.ndarray, size: tuple[int, int], fast_reduce: bool = True) -> np.ndarray:
-    """image (HxWx3 uint8) resized to size (w, h) as Pillow's BILINEAR with reducing_gap=3.0 does it.
-
-    fast_reduce: when the reduction is large, reduce_frame does Pillow's box reduction on the 3-byte frame,
-    sparing Pillow's copy of the whole frame into 4-byte RGBX pixels, and Pillow's bilinear runs on the
-    reduced image with the same box Pillow would use: within 1 grey level of Pillow's output per channel
-    (tests/core/test_pipeline.py checks it on noise, textures and edges), else exact."""
-    height, width = image.shape[:2]
-    fx, fy = reduce_factors(width, height, size)
-    if fast_reduce and fx * fy >= FAST_REDUCE_MIN_PIXELS:
-        reduced = reduce_frame(image, fx, fy)
-        return np.asarray(Image.fromarray(reduced, "RGB").resize(
-            size, Image.Resampling.BILINEAR, box=(0, 0, width / fx, height / fy)))
-    pil = Image.fromarray(image if image.flags.c_contiguous else np.ascontiguousarray(image), "RGB")
-    return np.asarray(pil.resize(size, Image.Resampling.BILINEAR, reducing_gap=REDUCING_GAP))
-
-
-def reduce_frame(image: np.ndarray, fx: int, fy: int) -> np.ndarray:
-    """Pillow's Image.reduce((fx, fy)) of a whole HxWx3 uint8 frame: the mean of each fx x fy block,
-    the last column and row of blocks averaging the pixels there are. Full blocks go through OpenCV's
-    integer-factor INTER_AREA (SIMD, no RGBX copy), whose rounding differs from Pillow's fixed-point
-    one: a value can be 1 above Pillow's. Partial blocks (few) are averaged here exactly as Pillow does."""
-    import cv2
-
-    height, width = image.shape[:2]
-    cols, rows = width // fx, height // fy  # full blocks
-    out = np.empty((-(-height // fy), -(-width // fx), 3), dtype=np.uint8)
-    if cols and rows:
-        main = image[:rows * fy, :cols * fx]
-        out[:rows, :cols] = cv2.resize(main if main.strides[1] == 3 else np.ascontiguousarray(main), (cols, rows),
-                                       interpolation=cv2.INTER_AREA)
-    if cols * fx < width:  # right column of partial blocks (fewer than fx pixels wide)
-        strip = image[:, cols * fx:]
-        out[:rows, cols] = _block_means(strip[:rows * fy].reshape(rows, fy, -1, 3))
-        if rows * fy < height:
-            out[rows, cols] = _block_means(strip[rows * fy:].reshape(1, -1, strip.shape[1], 3))[0]
-    if rows * fy < height:  # bottom row of partial blocks
-        strip = image[rows * fy:, :cols * fx]
-        out[rows, :cols] = _block_means(strip.reshape(strip.shape[0], cols, fx, 3).transpose(1, 0, 2, 3))
-    return out
-
-
-def _block_means(blocks: np.ndarray) -> np.ndarray:
-    """blocks: N x a x b x 3 uint8 -> N x 3 means, rounded exactly as Pillow's reduce does it (Reduce.c:
-    (sum + n/2) times a float32-computed 2**32 / (256 n), shifted right by 24; one below the rounded mean
-    when sum + n/2 is a multiple of n, for n not a power of two)."""
-    n = blocks.shape[1] * blocks.shape[2]
-    multiplier = int(np.float32(4.0 * (1 << 30)) / np.float32(256 * n))
-    sums = blocks.sum(axis=(1, 2), dtype=np.uint64)
-    return ((sums + n // 2) * multiplier >> 24).astype(np.uint8)
 
 
 def _class_ids(argmax: np.ndarray) -> np.ndarray:

@@ -6,6 +6,7 @@ import cv2
 import numpy as np
 import pytest
 from PIL import Image
+from textures import textures
 
 from agent.core import masks
 from agent.core.masks import MaskPolicy
@@ -88,77 +89,27 @@ def test_mask_rows_repeat_to_the_rendered_mask(model_files, make_package, kind, 
     assert rows.anomalies == inline.anomalies
 
 
-def _textures(width: int, height: int) -> dict[str, np.ndarray]:
-    """Frames that stress a resize: noise, fine stripes, a checkerboard, hard-edged shapes, a gradient."""
-    rng = np.random.default_rng(width + height)
-    y, x = np.ogrid[0:height, 0:width]
-    stripes = ((x // 1 + y // 3) % 2 * 255).astype(np.uint8)
-    checker = (((x // 7) + (y // 5)) % 2 * 255).astype(np.uint8)
-    shapes = np.full((height, width, 3), 30, np.uint8)
-    shapes[height // 5:height // 2, width // 7:width // 3] = (250, 10, 120)
-    shapes[(x - width * 0.7) ** 2 + (y - height * 0.6) ** 2 < (height * 0.2) ** 2] = (0, 255, 255)
-    gradient = np.stack(np.broadcast_arrays(x * 255 // max(width - 1, 1), y * 255 // max(height - 1, 1),
-                                            (x + y) % 256), axis=-1).astype(np.uint8)
-    return {"noise": rng.integers(0, 256, (height, width, 3), dtype=np.uint8),
-            "stripes": np.repeat(stripes[..., None], 3, axis=2), "checker": np.repeat(checker[..., None], 3, axis=2),
-            "shapes": shapes, "gradient": gradient}
-
-
-@pytest.mark.parametrize("frame,size", [((1500, 1500), (64, 64)), ((1283, 721), (56, 40)),
-                                        ((1001, 703), (64, 48)), ((2000, 1100), (224, 224)),
-                                        ((1920, 1080), (224, 224)), ((640, 480), (224, 224))])
-def test_fast_reduce_is_within_one_grey_level_of_pillow(frame, size):
-    """The stated tolerance of Predictor's fast_reduce (pipeline.pillow_bilinear): at most 1 grey level from
-    Pillow's own resize (reducing_gap=3.0) per channel, and exact where no large reduction happens."""
-    from agent.core.pipeline import FAST_REDUCE_MIN_PIXELS, pillow_bilinear, reduce_factors
-
-    fx, fy = reduce_factors(*frame, size)
-    for name, image in _textures(*frame).items():
-        ours = pillow_bilinear(image, size).astype(np.int16)
-        theirs = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0))
-        diff = np.abs(ours - theirs)
-        assert diff.max() <= 1, (name, diff.max())
-        # Regular patterns (0/255 stripes and checkers, ramps) hit OpenCV's and Pillow's different rounding
-        # of block means often (up to most values 1 off); noise and flat shapes rarely.
-        if name in ("noise", "shapes"):
-            assert diff.mean() < 0.1, (name, diff.mean())
-        if fx * fy < FAST_REDUCE_MIN_PIXELS:
-            assert diff.max() == 0, name  # Pillow itself does it
-    # Non-contiguous frames (a padded shared-memory row stride) give the same result as contiguous ones.
-    padded = np.zeros((frame[1], frame[0] + 1, 3), np.uint8)
-    padded[:, :frame[0]] = _textures(*frame)["shapes"]
-    np.testing.assert_array_equal(pillow_bilinear(padded[:, :frame[0]], size),
-                                  pillow_bilinear(np.ascontiguousarray(padded[:, :frame[0]]), size))
-
-
-@pytest.mark.parametrize("frame,factors", [((4096, 4096), (6, 6)), ((1001, 703), (4, 3)), ((130, 70), (7, 5)),
-                                           ((2000, 1100), (2, 2))])
-def test_reduce_frame_matches_pillows_reduce(frame, factors):
-    """Partial blocks (last column/row) exactly as Pillow; full blocks (OpenCV) at most 1 above."""
-    from agent.core.pipeline import reduce_frame
-
-    image = np.random.default_rng(7).integers(0, 256, (frame[1], frame[0], 3), dtype=np.uint8)
-    ours = reduce_frame(image, *factors).astype(np.int16)
-    theirs = np.asarray(Image.fromarray(image).reduce(factors))
-    assert ours.shape == theirs.shape
-    diff = ours - theirs
-    assert 0 <= diff.min() and diff.max() <= 1
-    if frame[0] % factors[0]:
-        assert not diff[:, -1].any()
-    if frame[1] % factors[1]:
-        assert not diff[-1].any()
-
-
 def test_predictor_reference_and_fast_reduce_tensors(model_files, make_package):
     """fast_reduce=False is the reference pipeline (Pillow alone); the default stays within 1/255."""
     from agent.core.pipeline import Predictor
+    from agent.core.resize import ResizeWorkers
     from agent.runtime.onnx import OnnxRuntime, OnnxRuntimeOptions
 
     package = make_package("anomalib")
     session = OnnxRuntime(OnnxRuntimeOptions()).load(package)
     fast, reference = Predictor(package, session), Predictor(package, session, fast_reduce=False)
-    image = _textures(2100, 2100)["shapes"]  # a 3x3 reduction to 224x224
+    image = textures(2100, 2100)["shapes"]  # a 3x3 reduction to 224x224
     resized = np.asarray(Image.fromarray(image).resize(reference.size, Image.Resampling.BILINEAR, reducing_gap=3.0))
     expected = (resized.transpose(2, 0, 1)[None].astype(np.float32) * reference._scale + reference._bias)
     np.testing.assert_allclose(reference.preprocess(image), expected, rtol=0, atol=1e-6)
     np.testing.assert_allclose(fast.preprocess(image), expected, rtol=0, atol=float(reference._scale.max()) + 1e-6)
+    # Row bands on extra threads (resize.ResizeWorkers) change nothing: the same tensor, bit for bit.
+    workers = ResizeWorkers(2)
+    try:
+        banded = Predictor(package, session, resize_workers=workers)
+        np.testing.assert_array_equal(banded.preprocess(image), fast.preprocess(image))
+        frame = textures(1920, 1080)["noise"]
+        np.testing.assert_array_equal(Predictor(package, session, fast_reduce=False, resize_workers=workers)
+                                      .preprocess(frame), reference.preprocess(frame))
+    finally:
+        workers.close()

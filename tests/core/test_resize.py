@@ -1,0 +1,191 @@
+"""Resizing as Pillow's BILINEAR (reducing_gap 3.0): the OpenCV reduction within its stated tolerance, and
+row bands resized in parallel giving Pillow's own output."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+from PIL import Image
+from textures import textures
+
+from agent.core.resize import BAND_MIN_PIXELS, ResizeWorkers, pillow_bilinear
+
+
+@pytest.fixture(scope="module")
+def workers():
+    pools = {n: ResizeWorkers(n) for n in (2, 3, 4, 8)}
+    yield pools
+    for pool in pools.values():
+        pool.close()
+
+
+def _pillow(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0))
+
+
+@pytest.mark.parametrize("frame,size", [((1500, 1500), (64, 64)), ((1283, 721), (56, 40)),
+                                        ((1001, 703), (64, 48)), ((2000, 1100), (224, 224)),
+                                        ((1920, 1080), (224, 224)), ((640, 480), (224, 224))])
+def test_fast_reduce_is_within_one_grey_level_of_pillow(frame, size):
+    """The stated tolerance of Predictor's fast_reduce (resize.pillow_bilinear): at most 1 grey level from
+    Pillow's own resize (reducing_gap=3.0) per channel, and exact where no large reduction happens."""
+    from agent.core.resize import FAST_REDUCE_MIN_PIXELS, pillow_bilinear, reduce_factors
+
+    fx, fy = reduce_factors(*frame, size)
+    for name, image in textures(*frame).items():
+        ours = pillow_bilinear(image, size).astype(np.int16)
+        theirs = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0))
+        diff = np.abs(ours - theirs)
+        assert diff.max() <= 1, (name, diff.max())
+        # Regular patterns (0/255 stripes and checkers, ramps) hit OpenCV's and Pillow's different rounding
+        # of block means often (up to most values 1 off); noise and flat shapes rarely.
+        if name in ("noise", "shapes"):
+            assert diff.mean() < 0.1, (name, diff.mean())
+        if fx * fy < FAST_REDUCE_MIN_PIXELS:
+            assert diff.max() == 0, name  # Pillow itself does it
+    # Non-contiguous frames (a padded shared-memory row stride) give the same result as contiguous ones.
+    padded = np.zeros((frame[1], frame[0] + 1, 3), np.uint8)
+    padded[:, :frame[0]] = textures(*frame)["shapes"]
+    np.testing.assert_array_equal(pillow_bilinear(padded[:, :frame[0]], size),
+                                  pillow_bilinear(np.ascontiguousarray(padded[:, :frame[0]]), size))
+
+
+@pytest.mark.parametrize("frame,factors", [((4096, 4096), (6, 6)), ((1001, 703), (4, 3)), ((130, 70), (7, 5)),
+                                           ((2000, 1100), (2, 2))])
+def test_reduce_frame_matches_pillows_reduce(frame, factors):
+    """Partial blocks (last column/row) exactly as Pillow; full blocks (OpenCV) at most 1 above."""
+    from agent.core.resize import reduce_frame
+
+    image = np.random.default_rng(7).integers(0, 256, (frame[1], frame[0], 3), dtype=np.uint8)
+    ours = reduce_frame(image, *factors).astype(np.int16)
+    theirs = np.asarray(Image.fromarray(image).reduce(factors))
+    assert ours.shape == theirs.shape
+    diff = ours - theirs
+    assert 0 <= diff.min() and diff.max() <= 1
+    if frame[0] % factors[0]:
+        assert not diff[:, -1].any()
+    if frame[1] % factors[1]:
+        assert not diff[-1].any()
+
+
+
+
+# Frames and model sizes: no reduction, 2x1 (1080p), 3x2, 6x6 with a partial last block (4096 is not a
+# multiple of 6), a padded GStreamer-like width, non-square and odd-sized models.
+@pytest.mark.parametrize("frame,size", [((640, 480), (224, 224)), ((1920, 1080), (224, 224)),
+                                        ((1920, 1080), (256, 192)), ((2592, 1944), (224, 224)),
+                                        ((4096, 4096), (224, 224)), ((1001, 703), (64, 48)),
+                                        ((1283, 721), (320, 96))])
+def test_row_bands_give_pillows_own_output(frame, size, workers):
+    """Dyadic band boundaries (the height divisible by the power-of-two band count): bit for bit the
+    whole-frame result, for Pillow's own reduction and for the OpenCV one, with 2, 4 and 8 bands (and 3
+    threads, which make 2 bands)."""
+    for name, image in textures(*frame).items():
+        if name not in ("noise", "shapes", "stripes") and frame[0] * frame[1] > 4_000_000:
+            continue  # keep the 4096x4096 case to three textures (time)
+        reference = _pillow(image, size)
+        single_fast = pillow_bilinear(image, size)
+        for threads, pool in workers.items():
+            np.testing.assert_array_equal(pillow_bilinear(image, size, False, pool), reference,
+                                          err_msg=f"{name}, {threads} threads")
+            np.testing.assert_array_equal(pillow_bilinear(image, size, True, pool), single_fast,
+                                          err_msg=f"{name}, {threads} threads, OpenCV reduction")
+
+
+@pytest.mark.parametrize("frame,size", [((1920, 1080), (225, 225)), ((1280, 720), (224, 97)),
+                                        ((4096, 4096), (299, 299))])
+def test_row_bands_at_other_boundaries_stay_within_one_grey_level(frame, size, workers):
+    """Band boundaries that are no dyadic fraction of the height shift Pillow's float32 box by an ulp: at
+    most 1 grey level, and only on a small share of the pixels."""
+    image = textures(*frame)["shapes"]
+    reference = _pillow(image, size).astype(np.int16)
+    for pool in (workers[2], workers[4]):
+        diff = np.abs(pillow_bilinear(image, size, False, pool).astype(np.int16) - reference)
+        assert diff.max() <= 1
+        assert diff.mean() < 0.01
+
+
+def test_small_frames_and_thin_models_are_not_cut(workers):
+    """Below BAND_MIN_PIXELS, or when a band would get fewer than 8 output rows, one thread does it all."""
+    calls = []
+
+    class Counting(ResizeWorkers):
+        def run(self, jobs):
+            calls.append(len(jobs))
+            return super().run(jobs)
+
+    pool = Counting(4)
+    try:
+        side = int(BAND_MIN_PIXELS ** 0.5) - 1
+        small = textures(side, side)["noise"]
+        np.testing.assert_array_equal(pillow_bilinear(small, (64, 64), False, pool), _pillow(small, (64, 64)))
+        frame = textures(1920, 1080)["noise"]
+        np.testing.assert_array_equal(pillow_bilinear(frame, (224, 8), False, pool), _pillow(frame, (224, 8)))
+        assert calls == []
+        np.testing.assert_array_equal(pillow_bilinear(frame, (224, 16), False, pool), _pillow(frame, (224, 16)))
+        np.testing.assert_array_equal(pillow_bilinear(frame, (224, 224), False, pool), _pillow(frame, (224, 224)))
+        assert calls == [2, 4]
+    finally:
+        pool.close()
+
+
+def test_a_busy_pool_never_makes_a_request_wait_for_it():
+    """A band the pool has not started when the request's own band is done is run by the request's thread:
+    with the only pool thread blocked (another request's band), a request still completes, on its own."""
+    pool = ResizeWorkers(2)
+    release = threading.Event()
+    started = threading.Event()
+
+    def blocker() -> None:
+        started.set()
+        release.wait(10)
+
+    try:
+        other = pool._pool.submit(blocker)  # another request's band, holding the pool's one thread
+        assert started.wait(5)
+        where: list[str] = []
+        result = pool.run([lambda: where.append(threading.current_thread().name) or 1,
+                           lambda: where.append(threading.current_thread().name) or 2])
+        assert result == [1, 2]
+        assert where == [threading.current_thread().name] * 2
+        release.set()
+        other.result(5)
+        # An idle pool runs the second job on its own thread (the first waits until it has started).
+        second = threading.Event()
+
+        def first() -> int:
+            assert second.wait(5)
+            return 1
+
+        def other_band() -> int:
+            second.set()
+            where.append(threading.current_thread().name)
+            return 2
+
+        where.clear()
+        assert pool.run([first, other_band]) == [1, 2]
+        assert where[0].startswith("resize")
+    finally:
+        release.set()
+        pool.close()
+
+
+def test_closed_pool_and_failing_bands():
+    """After close() (the agent stopping) every band runs on the caller; a band's exception reaches it."""
+    pool = ResizeWorkers(4)
+    pool.close()
+    assert pool.run([lambda: 1, lambda: 2, lambda: 3]) == [1, 2, 3]
+    pool = ResizeWorkers(2)
+    try:
+        def fail() -> int:
+            raise ValueError("band failed")
+
+        with pytest.raises(ValueError, match="band failed"):
+            pool.run([lambda: 1, fail])
+        with pytest.raises(ValueError, match="at least 1"):
+            ResizeWorkers(0)
+        assert 1 <= ResizeWorkers.auto_threads() <= 4
+    finally:
+        pool.close()
