@@ -363,10 +363,8 @@ class Predictor:
             masks.render(class_mask, width, height, self._palette_rgb, self._resampler, mask_out)
         elif mask_out is not None:
             # Coloured at model height and full width; masks.render's row runs, left for the sink to repeat.
-            h, w = class_mask.shape
-            wide = class_mask if w == width else np.take(class_mask, masks.nearest_index(w, width, self._resampler),
-                                                         axis=1)
-            rows = np.take(self._palette_rgb, wide, axis=0).reshape(h, width * 3)
+            h = class_mask.shape[0]
+            rows = masks.widen(class_mask, width, self._palette_rgb, self._resampler).reshape(h, width * 3)
             mask_out.write_rows(rows, masks.nearest_runs(h, height, self._resampler))
         if mask_out is not None:
             detection.mask_in_buffer = True

@@ -89,6 +89,30 @@ def test_mask_rows_repeat_to_the_rendered_mask(model_files, make_package, kind, 
     assert rows.anomalies == inline.anomalies
 
 
+@pytest.mark.parametrize("src,dst", [((224, 224), (1920, 1080)), ((224, 224), (1564, 879)), ((256, 256), (4096, 4096)),
+                                     ((7, 5), (641, 479)), ((48, 64), (33, 17)), ((224, 224), (224, 1080))])
+@pytest.mark.parametrize("resampler", ["pillow", "cv2"])
+def test_widened_rows_and_full_masks_follow_the_resampler(src, dst, resampler):
+    """masks.widen (the shared-memory rows) and masks.render take OpenCV's SIMD path where its nearest
+    index map was checked equal to the resampler's; either way the pixels are the library's own resize."""
+    class_mask = np.random.default_rng(1).integers(0, 7, size=(src[1], src[0]), dtype=np.uint8)
+    if resampler == "pillow":
+        full = np.asarray(Image.fromarray(class_mask).resize(dst, Image.Resampling.NEAREST))
+        rows = np.asarray(Image.fromarray(class_mask).resize((dst[0], src[1]), Image.Resampling.NEAREST))
+    else:
+        full = cv2.resize(class_mask, dst, interpolation=cv2.INTER_NEAREST)
+        rows = cv2.resize(class_mask, (dst[0], src[1]), interpolation=cv2.INTER_NEAREST)
+    np.testing.assert_array_equal(masks.widen(class_mask, dst[0], RGB, resampler), RGB[rows])
+    np.testing.assert_array_equal(masks.render(class_mask, *dst, RGB, resampler), RGB[full])
+    buffer = bytearray(dst[0] * dst[1] * 3 + 5)  # larger than the mask: only the first bytes are written
+    assert masks.render(class_mask, *dst, RGB, resampler, memoryview(buffer)) is None
+    np.testing.assert_array_equal(np.frombuffer(buffer, np.uint8, count=full.size * 3).reshape(*full.shape, 3),
+                                  RGB[full])
+    assert bytes(buffer[-5:]) == bytes(5)
+    # The OpenCV path is the one taken for the model and frame sizes in use (Pillow 9-12, OpenCV 4.5+).
+    assert masks.opencv_matches(src[0], dst[0], resampler) and masks.opencv_matches(src[1], dst[1], resampler)
+
+
 def test_predictor_reference_and_fast_reduce_tensors(model_files, make_package):
     """fast_reduce=False is the reference pipeline (Pillow alone); the default stays within 1/255."""
     from agent.core.pipeline import Predictor

@@ -38,9 +38,13 @@ def test_bench_writes_a_well_formed_report(tmp_path: Path) -> None:
     data = json.loads((tmp_path / "benchmarks.json").read_text())
     assert len(data["results"]) == 2 * 2 * len(bench.MODES) and data["machine"]["onnxruntime"]
     assert {t["target"] for t in data["targets"]} >= {"agent RSS with no model running (MB)"}
-    pytest.importorskip("matplotlib")
     png = tmp_path / "benchmarks.png"
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    try:
+        import matplotlib  # noqa: F401  (the bench extra)
+    except ImportError:
+        assert not png.exists()  # the plot is written only where matplotlib is installed
+    else:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_bench_cli_is_registered() -> None:

@@ -4,16 +4,19 @@ For every model × frame size × concurrency it measures, on the same frames:
 
 * ``floor``  — in-process: the agent's own :class:`~agent.pipeline.Predictor` with the *reference*
   pre-processing (Pillow bilinear resize with reducing_gap 3.0, /255, NCHW: ``fast_reduce=False``, so
-  the agent's faster reduction of large frames shows as a gain, not a lower floor), the ONNX Runtime
-  session built with the agent's runtime options, post-processing incl. the mask; called from N
-  threads; no transport;
-* ``bytes``  — a real agent (``python -m agent serve`` in a child process) over its Unix socket,
-  frame in ``byte_data``, mask back inline (what every existing LFV client does);
+  the agent's faster resize of large frames shows as a gain, not a lower floor), the ONNX Runtime
+  session built with the agent's runtime options, post-processing incl. the inline mask of the default
+  MaskPolicy; called from N threads; no transport;
+* ``bytes``  — a real agent (``python -m agent serve`` in a child process, default settings) over its
+  Unix socket, frame in ``byte_data``, mask back inline (what every existing LFV client does);
 * ``shm``    — the same agent, frame in a client-owned POSIX shared-memory segment and the mask
   written into a second one (``anomaly_mask_params.shared_memory_handle``);
 * ``grpcio-bytes`` / ``grpcio-shm`` — the same requests against :mod:`agent.tools.bench.transport`, the
   agent's gRPC server with no model behind it (canned answer of the same size): what grpcio alone costs.
   ``floor + grpcio`` is the best the agent could do with this transport (the "grpcio bound").
+
+Clients use gRPC's default channel options (4 MiB receive limit), as the AWS sample clients do: the
+targets of issue #16 are defined for default clients and default settings.
 
 Modes of one configuration run interleaved (two rounds of all modes) so that drift on a noisy
 shared machine hits all of them alike; report ratios, absolute times are context only. Each
@@ -55,7 +58,9 @@ REQUESTS: dict[tuple[str, str], int] = {
     ("patchcore", "640x480"): 60, ("patchcore", "1920x1080"): 40, ("patchcore", "4096x4096"): 12,
 }
 TARGETS = {"bytes_p50": 1.10, "shm_p50": 1.05, "throughput_4": 0.9, "shm_4096_p50": 1.2, "rss_mb": 200.0,
-           "cold_start_s": 2.0}
+           "cold_start_s": 2.0,
+           # issue #16: large frames, default clients and settings
+           "bytes_1080_p50": 1.20, "shm_1080_p50": 1.00, "shm_4096_tiny_p50": 1.00, "bytes_4096_over_grpcio": 0.10}
 
 
 @dataclass
@@ -166,17 +171,20 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 @contextmanager
-def agent_process(work: Path, models_dir: Path, extra: list[str], *, tree: Path = ROOT,
-                  tag: str = "agent") -> Iterator[tuple[subprocess.Popen[bytes], str]]:
-    """`python -m agent serve` from source tree `tree` (this one by default) on {work}/{tag}.sock."""
+def agent_process(work: Path, models_dir: Path, extra: list[str], *, tree: Path = ROOT, tag: str = "agent",
+                  inline_mask: str | None = "full") -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """`python -m agent serve` from source tree `tree` (this one by default) on {work}/{tag}.sock.
+
+    inline_mask: the InlineMask setting (None: the agent's default). "full" for bench-ab and bench-peers,
+    whose clients allow 64 MiB: rows stay comparable with older trees, which ignore the variable and
+    always send full-size masks."""
     socket_uri = f"unix://{work}/{tag}.sock"
     cmd = [sys.executable, "-m", "agent", "serve", "--socket", socket_uri, "--models-dir", str(models_dir),
            "--work-dir", str(work / f"state-{tag}"), "--execution-providers", "cpu", "--metrics-port", "-1",
            "--log-level", "WARNING", "--model-scan-interval-seconds", "0.2", *extra]
     env = _child_env(tree)
-    # Full-size inline masks, as before InlineMask existed: the benchmark's clients allow 64 MiB, and rows stay
-    # comparable with earlier runs (an older tree in bench-ab ignores the variable).
-    env.setdefault("EDGE_AGENT_INLINE_MASK", "full")
+    if inline_mask is not None:
+        env.setdefault("EDGE_AGENT_INLINE_MASK", inline_mask)
     proc = subprocess.Popen(cmd, cwd=tree, env=env, stdout=subprocess.DEVNULL,
                             stderr=open(work / f"{tag}.log", "wb"))
     try:
@@ -316,19 +324,20 @@ class Clients:
 
     def __init__(self, stack: ExitStack, socket_uri: str, transport_uri: str, predictor: Any, model: str,
                  frame: np.ndarray, clients: int, tag: str) -> None:
-        from agent.client import channel
-        from agent.core.masks import MaskPolicy
+        import grpc
+
         from agent.serving.grpc._generated import edge_agent_pb2_grpc as pb_grpc
 
-        full = MaskPolicy(inline="full")  # the same full-size mask the agent sends its 64 MiB clients
-        self.floor = [lambda: predictor.predict(frame, policy=full) for _ in range(clients)]
+        # The agent's default MaskPolicy (fit): the inline mask the agent sends a default client.
+        self.floor = [lambda: predictor.predict(frame) for _ in range(clients)]
         self.bytes: list[Callable[[], Any]] = []
         self.shm: list[Callable[[], Any]] = []
         self.grpcio_bytes: list[Callable[[], Any]] = []
         self.grpcio_shm: list[Callable[[], Any]] = []
         for i in range(clients):
-            stub = pb_grpc.EdgeAgentStub(stack.enter_context(channel(socket_uri)))
-            reference = pb_grpc.EdgeAgentStub(stack.enter_context(channel(transport_uri)))
+            # Default channel options (4 MiB receive limit), as every AWS sample client has them.
+            stub = pb_grpc.EdgeAgentStub(stack.enter_context(grpc.insecure_channel(socket_uri)))
+            reference = pb_grpc.EdgeAgentStub(stack.enter_context(grpc.insecure_channel(transport_uri)))
             inline, via_shm = detect_requests(stack, model, frame, f"/edge-agent-bench-{os.getpid()}-{tag}-{i}")
             self.bytes.append(_caller(stub, inline))
             self.shm.append(_caller(stub, via_shm))
@@ -379,7 +388,9 @@ def run_bench(out_dir: Path, *, models: tuple[str, ...] = MODELS, frames: tuple[
         for flag, value in zip(flags[::2], flags[1::2], strict=False):
             cli[flag.lstrip("-").replace("-", "_")] = value
         runtime = onnx_runtime(AgentConfig.from_sources(cli=cli))
-        with agent_process(work, models_dir, flags) as (proc, socket_uri), transport_process(work) as transport_uri, \
+        # Default settings (InlineMask fit) and default clients, as issue #16's targets are defined.
+        with agent_process(work, models_dir, flags, inline_mask=None) as (proc, socket_uri), \
+                transport_process(work) as transport_uri, \
                 ExitStack() as stack:
             from agent.client import channel
 
@@ -483,8 +494,20 @@ def targets(report: Report) -> list[tuple[str, str, float, float, bool, float]]:
     for model in MODELS:
         r = _find(report, model, "4096x4096", "shm", 1)
         if r:
-            add(f"p50 agent/floor, shm, 4096x4096, {model}, 1 client", r.ratio_p50, TARGETS["shm_4096_p50"],
+            add(f"p50 agent/floor, shm, 4096x4096, {model}, 1 client", r.ratio_p50,
+                TARGETS["shm_4096_tiny_p50" if model == "tiny" else "shm_4096_p50"],
                 latency_bound(model, "4096x4096", "shm", 1))
+    for mode, key in (("bytes", "bytes_1080_p50"), ("shm", "shm_1080_p50")):
+        r = _find(report, "tiny", "1920x1080", mode, 1)
+        if r:
+            add(f"p50 agent/floor, {mode}, 1920x1080, tiny, 1 client", r.ratio_p50, TARGETS[key],
+                latency_bound("tiny", "1920x1080", mode, 1))
+    r, ref = _find(report, "tiny", "4096x4096", "bytes", 1), _find(report, "tiny", "4096x4096", "grpcio-bytes", 1)
+    if r and ref:
+        # Every call of the run was answered (a failed call ends the run); what the agent adds to grpcio's own
+        # round trip of the same request and response, as a share of the floor.
+        add("(agent − grpcio) p50 / floor, bytes, 4096x4096, tiny, 1 client", r.ratio_p50 - ref.ratio_p50,
+            TARGETS["bytes_4096_over_grpcio"], 0.0)
     add("agent RSS with no model running (MB)", report.rss_idle_mb, TARGETS["rss_mb"])
     add("cold StartModel → RUNNING, tiny (s)", report.cold_start_s, TARGETS["cold_start_s"])
     return out
@@ -497,15 +520,18 @@ def markdown(report: Report) -> str:
         "",
         "What the agent adds on top of running the model itself. **floor** = the reference pipeline: the agent's "
         "own `Predictor` with the reference pre-processing (Pillow bilinear resize with reducing_gap 3.0, /255, "
-        "NCHW; `fast_reduce=False`) + ONNX Runtime session with the agent's runtime options + post-processing "
-        "incl. mask rendering, called in-process from N threads. The agent itself reduces large frames faster "
-        "than that reference (within 1 grey level, docs/benchmarks-notes.md), so for large frames a ratio below "
-        "1.0 is a real gain over the reference; **bytes** = the agent (`edge-agent serve` in its own process) "
-        "over its Unix socket, frame in `byte_data`, mask back inline; **shm** = frame in a client POSIX "
+        "NCHW; `fast_reduce=False`, one thread) + ONNX Runtime session with the agent's runtime options + "
+        "post-processing incl. rendering the inline mask the default `InlineMask=fit` sends, called in-process "
+        "from N threads. The agent itself resizes large frames faster than that reference (row bands on "
+        "several threads, exact; OpenCV reduction, within 1 grey level: docs/benchmarks-notes.md), so a ratio "
+        "below 1.0 is a real gain over the reference; **bytes** = the agent (`edge-agent serve` in its own "
+        "process, default settings) over its Unix socket, frame in `byte_data`, mask back inline (full size up "
+        "to gRPC's default 4 MiB, else scaled to fit: `InlineMask=fit`); **shm** = frame in a client POSIX "
         "shared-memory segment, mask written into a second one; **grpcio-bytes / grpcio-shm** = the same requests"
         " to the agent's gRPC server with no model behind it (`agent.tools.bench.transport`: parses the request, "
         "answers with a canned result of the same size), i.e. the transport alone. Clients are threads of the "
-        "benchmark process, one channel each, requests built once. The modes of one row group "
+        "benchmark process, one channel each with gRPC's default options (as the AWS sample clients), "
+        "requests built once. The modes of one row group "
         f"run interleaved ({report.settings['rounds']} rounds), so the ratios come from the same minutes of a "
         "shared machine: **read the ratios; absolute times are context only.**",
         "",
@@ -551,7 +577,8 @@ def markdown(report: Report) -> str:
     lines += [
         "",
         "`*` = the time cap ended the configuration before its request count. The 4096×4096 `bytes` rows send "
-        "48 MiB per request and get a 48 MiB mask back inline (the client channel allows 64 MiB).",
+        "48 MiB per request and get a 4 MiB mask back inline (a default client's receive limit); shared-memory "
+        "masks are always full size.",
         "",
         f"Agent resident memory, models known but none running: **{report.rss_idle_mb:.0f} MB**; with all "
         f"benchmark models running: {report.rss_running_mb:.0f} MB, and {report.rss_after_mb:.0f} MB after "
