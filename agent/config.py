@@ -229,7 +229,7 @@ class AgentConfig:
                                        "busy-wait for work (lower latency on an otherwise idle CPU; off: they "
                                        "don't steal cores from the gRPC and image threads)", parse_bool,
                                        restart=False)
-    resize_threads: int = _setting(0, "ResizeThreads", "threads one request's resize of a frame of 200,000 "
+    resize_threads: int = _setting(0, "ResizeThreads", "threads one request's resize of a frame of 500,000 "
                                    "pixels or more uses, its own included: the output is cut into row bands "
                                    "resized in parallel, with the same result (1 = the request's thread alone; "
                                    "0 = the CPUs the agent may use, at most 4)", _non_negative(_parse_int))

@@ -23,6 +23,7 @@ in single-threaded C. Two things make it faster here without changing what a mod
 from __future__ import annotations
 
 import os
+import threading
 import typing
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -36,9 +37,10 @@ REDUCING_GAP = 3.0
 #: Below it OpenCV's reduction is no faster than Pillow's (1920x1080 -> 224: a 2x1 reduction, measured
 #: 2.7-5.4 ms against 2.2 ms + the RGBX copy; docs/benchmarks-notes.md).
 FAST_REDUCE_MIN_PIXELS = 4
-#: Frames smaller than this are resized on the request's own thread: handing a band to another thread
-#: costs ~50 us, the whole resize of a 320x240 frame ~0.3 ms.
-BAND_MIN_PIXELS = 200_000
+#: Frames smaller than this are resized on the request's own thread. At 640x480 (1.5 ms of resize) two
+#: bands saved ~0.4 ms in process but nothing measurable end to end with one client, and cost 3-6 % of
+#: the throughput with four (bench-ab, docs/benchmarks-notes.md); from 1280x720 on they pay.
+BAND_MIN_PIXELS = 500_000
 #: Each band gets at least this many output rows (a 224-row model: at most 28 bands).
 BAND_MIN_ROWS = 8
 #: The most threads ResizeWorkers' automatic choice uses per request (measured gains flatten beyond).
@@ -51,13 +53,19 @@ class ResizeWorkers:
     """Threads that resize row bands of one frame alongside the request's own thread.
 
     `threads` is how many threads one request's resize may use, its own included (1: no extra thread).
-    One instance serves every model of the agent; the composition root makes it and closes it."""
+    A request cuts its frame only into as many bands as there are idle threads to take them (reserve()):
+    when every thread is busy with other requests' bands, as under a full load of concurrent clients, the
+    frame is resized in one piece on the request's thread, without the cost of cutting it (measured at
+    640x480 with 4 clients on 2 cores: splitting anyway lost 6 % throughput). One instance serves every
+    model of the agent; the composition root makes it and closes it."""
 
     def __init__(self, threads: int) -> None:
         if threads < 1:
             raise ValueError(f"resize threads must be at least 1, got {threads}")
         self.threads = threads
         self._pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="resize") if threads > 1 else None
+        self._lock = threading.Lock()
+        self._idle = threads - 1  # pool threads not reserved by a request
 
     @staticmethod
     def auto_threads() -> int:
@@ -68,24 +76,48 @@ class ResizeWorkers:
             cpus = os.cpu_count() or 1
         return max(1, min(cpus, AUTO_MAX_THREADS))
 
+    def reserve(self, wanted: int) -> int:
+        """Up to `wanted` idle pool threads for one request's bands (0 when all are taken). Each reserved
+        thread is given back by run() (one per extra job) or release()."""
+        with self._lock:
+            got = min(wanted, self._idle)
+            self._idle -= got
+            return got
+
+    def release(self, count: int) -> None:
+        with self._lock:
+            self._idle += count
+
     def run(self, jobs: typing.Sequence[typing.Callable[[], T]]) -> list[T]:
-        """Every job's result, in order: jobs[0] on this thread, the others on the pool's threads.
+        """Every job's result, in order: jobs[0] on this thread, the others on pool threads reserved for them
+        (reserve(len(jobs) - 1) beforehand; each is given back when its job is done).
 
         A job the pool has not started by the time this thread is done with its own is taken back and
-        run here, so a pool busy with other requests' bands never makes a request wait in its queue."""
+        run here, so a request never waits for a pool thread to become free."""
         pending: list[tuple[Future[T] | None, typing.Callable[[], T]]] = []
         for job in jobs[1:]:
             future = None
             if self._pool is not None:
                 try:
-                    future = self._pool.submit(job)
+                    future = self._pool.submit(self._reserved, job)
                 except RuntimeError:  # closed (the agent is stopping): run everything here
                     future = None
+            if future is None:
+                self.release(1)
             pending.append((future, job))
         results = [jobs[0]()]
         for future, job in pending:
-            results.append(job() if future is None or future.cancel() else future.result())
+            if future is not None and future.cancel():
+                self.release(1)
+                future = None
+            results.append(job() if future is None else future.result())
         return results
+
+    def _reserved(self, job: typing.Callable[[], T]) -> T:
+        try:
+            return job()
+        finally:
+            self.release(1)
 
     def close(self) -> None:
         if self._pool is not None:
@@ -109,6 +141,10 @@ def pillow_bilinear(image: np.ndarray, size: tuple[int, int], fast_reduce: bool 
     fx, fy = reduce_factors(width, height, size)
     opencv = fast_reduce and fx * fy >= FAST_REDUCE_MIN_PIXELS
     bands = _band_count(workers.threads if workers else 1, size[1], width * height)
+    if bands > 1 and workers is not None:
+        helpers = workers.reserve(bands - 1)
+        bands = 1 << ((helpers + 1).bit_length() - 1)  # a power of two: dyadic band boundaries
+        workers.release(helpers + 1 - bands)
     if bands > 1 and workers is not None:
         cuts = [size[1] * k // bands for k in range(bands + 1)]
         jobs = [_band_job(image, size, fx, fy, opencv, cuts[k], cuts[k + 1]) for k in range(bands)]

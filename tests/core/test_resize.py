@@ -4,6 +4,7 @@ row bands resized in parallel giving Pillow's own output."""
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -74,7 +75,7 @@ def test_reduce_frame_matches_pillows_reduce(frame, factors):
 
 # Frames and model sizes: no reduction, 2x1 (1080p), 3x2, 6x6 with a partial last block (4096 is not a
 # multiple of 6), a padded GStreamer-like width, non-square and odd-sized models.
-@pytest.mark.parametrize("frame,size", [((640, 480), (224, 224)), ((1920, 1080), (224, 224)),
+@pytest.mark.parametrize("frame,size", [((1280, 720), (224, 224)), ((1920, 1080), (224, 224)),
                                         ((1920, 1080), (256, 192)), ((2592, 1944), (224, 224)),
                                         ((4096, 4096), (224, 224)), ((1001, 703), (64, 48)),
                                         ((1283, 721), (320, 96))])
@@ -82,6 +83,7 @@ def test_row_bands_give_pillows_own_output(frame, size, workers):
     """Dyadic band boundaries (the height divisible by the power-of-two band count): bit for bit the
     whole-frame result, for Pillow's own reduction and for the OpenCV one, with 2, 4 and 8 bands (and 3
     threads, which make 2 bands)."""
+    assert frame[0] * frame[1] >= BAND_MIN_PIXELS  # these frames are cut
     for name, image in textures(*frame).items():
         if name not in ("noise", "shapes", "stripes") and frame[0] * frame[1] > 4_000_000:
             continue  # keep the 4096x4096 case to three textures (time)
@@ -131,9 +133,37 @@ def test_small_frames_and_thin_models_are_not_cut(workers):
         pool.close()
 
 
-def test_a_busy_pool_never_makes_a_request_wait_for_it():
-    """A band the pool has not started when the request's own band is done is run by the request's thread:
-    with the only pool thread blocked (another request's band), a request still completes, on its own."""
+def test_a_request_cuts_its_frame_only_for_idle_threads():
+    """reserve() hands out idle pool threads only; with all taken (other requests' bands), a frame is resized
+    in one piece on the request's thread: no bands, and the same pixels."""
+    calls = []
+
+    class Counting(ResizeWorkers):
+        def run(self, jobs):
+            calls.append(len(jobs))
+            return super().run(jobs)
+
+    pool = Counting(4)
+    try:
+        frame = textures(1920, 1080)["shapes"]
+        assert pool.reserve(2) == 2 and pool.reserve(2) == 1 and pool.reserve(1) == 0
+        np.testing.assert_array_equal(pillow_bilinear(frame, (224, 224), False, pool), _pillow(frame, (224, 224)))
+        assert calls == []
+        pool.release(1)  # one idle thread: two bands
+        np.testing.assert_array_equal(pillow_bilinear(frame, (224, 224), False, pool), _pillow(frame, (224, 224)))
+        pool.release(1)  # two idle threads: still two bands (a power of two), the spare one given back
+        np.testing.assert_array_equal(pillow_bilinear(frame, (224, 224), False, pool), _pillow(frame, (224, 224)))
+        pool.release(1)
+        np.testing.assert_array_equal(pillow_bilinear(frame, (224, 224), False, pool), _pillow(frame, (224, 224)))
+        assert calls == [2, 2, 4]
+        assert pool.reserve(5) == 3  # every reserved thread was given back
+    finally:
+        pool.close()
+
+
+def test_a_queued_band_is_taken_back_by_the_request():
+    """A band its pool thread has not started when the request's own band is done is run by the request's
+    thread: with the pool's one thread held up, the request still completes, on its own thread."""
     pool = ResizeWorkers(2)
     release = threading.Event()
     started = threading.Event()
@@ -143,15 +173,16 @@ def test_a_busy_pool_never_makes_a_request_wait_for_it():
         release.wait(10)
 
     try:
-        other = pool._pool.submit(blocker)  # another request's band, holding the pool's one thread
+        held = pool._pool.submit(blocker)  # the thread is late to pick up work (it wakes up slowly)
         assert started.wait(5)
         where: list[str] = []
+        assert pool.reserve(1) == 1
         result = pool.run([lambda: where.append(threading.current_thread().name) or 1,
                            lambda: where.append(threading.current_thread().name) or 2])
         assert result == [1, 2]
         assert where == [threading.current_thread().name] * 2
         release.set()
-        other.result(5)
+        held.result(5)
         # An idle pool runs the second job on its own thread (the first waits until it has started).
         second = threading.Event()
 
@@ -165,25 +196,34 @@ def test_a_busy_pool_never_makes_a_request_wait_for_it():
             return 2
 
         where.clear()
+        assert pool.reserve(1) == 1
         assert pool.run([first, other_band]) == [1, 2]
         assert where[0].startswith("resize")
+        deadline = time.monotonic() + 5
+        while pool.reserve(1) == 0 and time.monotonic() < deadline:  # given back once the job returns
+            time.sleep(0.01)
     finally:
         release.set()
         pool.close()
 
 
 def test_closed_pool_and_failing_bands():
-    """After close() (the agent stopping) every band runs on the caller; a band's exception reaches it."""
+    """After close() (the agent stopping) every band runs on the caller; a band's exception reaches it; every
+    reserved thread is given back either way."""
     pool = ResizeWorkers(4)
     pool.close()
+    assert pool.reserve(2) == 2
     assert pool.run([lambda: 1, lambda: 2, lambda: 3]) == [1, 2, 3]
+    assert pool.reserve(3) == 3
     pool = ResizeWorkers(2)
     try:
         def fail() -> int:
             raise ValueError("band failed")
 
+        assert pool.reserve(1) == 1
         with pytest.raises(ValueError, match="band failed"):
             pool.run([lambda: 1, fail])
+        assert pool.reserve(1) == 1
         with pytest.raises(ValueError, match="at least 1"):
             ResizeWorkers(0)
         assert 1 <= ResizeWorkers.auto_threads() <= 4

@@ -62,13 +62,15 @@ def test_bench_ab_runs_two_builds_side_by_side() -> None:
     with bench_ab.baseline_tree("HEAD") as baseline:
         assert (baseline / "agent" / "__init__.py").is_file()
         a, b = bench_ab.run_ab(baseline, bench.ROOT, frame="640x480", mode="shm", blocks=2, per_block=3,
-                               candidate_args=("--malloc-mmap-threshold-mb", "0"), log=lines.append)
+                               candidate_args=("--malloc-mmap-threshold-mb", "0"), clients=2, log=lines.append)
     assert not baseline.exists()  # the worktree is removed again
     for side in (a, b):
         assert 0 < side.p50_ms <= side.p90_ms
         assert side.faults_per_request >= 0 and side.cpu_ticks_per_request >= 0
+        assert side.throughput > 0
     assert (a.label, b.label) == ("baseline", "candidate")
-    assert lines[-1].startswith("candidate / baseline: p50 ")
+    assert lines[-1].startswith("candidate / baseline: p50 ") and "throughput" in lines[-1]
+    assert " x2: " in lines[0]  # two concurrent clients per side
 
 
 def test_bench_ab_cli_is_registered() -> None:
