@@ -207,6 +207,25 @@ def test_rewrite_puts_the_section_back_from_the_saved_report(tmp_path: Path) -> 
     assert text.index("new run") < text.index(peers.BEGIN) < text.index("## How to run")
 
 
+def test_a_benchmark_run_keeps_the_peers_section(tmp_path: Path) -> None:
+    """scripts/bench rewrites benchmarks.md from its own run and carries the Peers section over unchanged."""
+    from agent.tools.bench import benchmark
+
+    peers.write_report(_report(), tmp_path, plot=False)
+    before = (tmp_path / "benchmarks.md").read_text()
+    section = before.split(peers.BEGIN)[1].split(peers.END)[0]
+    machine = {k: "x" for k in ("cpu", "usable_cores", "cores", "memory", "os", "python", "onnxruntime", "grpcio",
+                                "protobuf", "numpy", "pillow")}
+    run = benchmark.Report(machine=machine, settings={"rounds": 1, "scale": 1.0, "cap_s": 1.0, "agent_args": []},
+                           results=[benchmark.Result("tiny", "640x480", "floor", 1, 5, 1.0, 2.0, 1.0, 100.0)])
+    for _ in range(2):
+        benchmark.write_report(run, tmp_path, plot=False, notes="notes of this run")
+        text = (tmp_path / "benchmarks.md").read_text()
+        assert text.count(peers.BEGIN) == 1 and text.split(peers.BEGIN)[1].split(peers.END)[0] == section
+        assert text.index("notes of this run") < text.index(peers.BEGIN) < text.index("## How to run")
+        assert "| tiny | 640x480 | 1 | floor |" in text
+
+
 def test_a_row_group_whose_floor_ran_under_outside_load_is_flagged(tmp_path: Path) -> None:
     report = _report()
     assert "**noisy**" not in peers.markdown(report)  # floor p90 3.0 = 1.5x its p50

@@ -626,7 +626,15 @@ def write_report(report: Report, out_dir: Path, *, plot: bool = True, notes: str
     if plot and _plot(report, out_dir / "benchmarks.png"):
         text += "\n![p50 latency per configuration](benchmarks.png)\n"
     extra = notes if notes is not None else (notes_file.read_text() if notes_file.exists() else "")
-    (out_dir / "benchmarks.md").write_text(text + "\n" + (extra.rstrip() + "\n\n" if extra else "") + HOW_TO)
+    doc = text + "\n" + (extra.rstrip() + "\n\n" if extra else "") + HOW_TO
+    # The peer comparison (scripts/bench-peers: other runs, other servers) is kept as it was.
+    from agent.tools.bench.peers import BEGIN, END, insert_section
+
+    old = out_dir / "benchmarks.md"
+    previous = old.read_text() if old.exists() else ""
+    if BEGIN in previous and END in previous:
+        doc = insert_section(doc, previous.split(BEGIN, 1)[1].split(END, 1)[0])
+    old.write_text(doc)
 
 
 def _plot(report: Report, path: Path) -> bool:

@@ -763,7 +763,7 @@ def markdown(report: PeerReport, plot_name: str | None = "benchmarks-peers.png")
         "(KServe's hard-coded `0.0.0.0`/`[::]` bind addresses patched to 127.0.0.1; PyTriton's python-backend stub "
         "gets `LD_LIBRARY_PATH` = the interpreter's libdir; MLServer `parallel_workers: 0`), refuses to measure a "
         "server that listens beyond loopback, and rewrites this section. Needs PyPI; not part of CI. `scripts/bench` "
-        "rewrites benchmarks.md without this section: `scripts/bench-peers --rewrite` puts it back from "
+        "keeps this section when it rewrites benchmarks.md; `scripts/bench-peers --rewrite` writes it again from "
         "benchmarks-peers.json without measuring.",
     ]
     return "\n".join(lines) + "\n"
