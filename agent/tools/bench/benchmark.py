@@ -633,7 +633,7 @@ def write_report(report: Report, out_dir: Path, *, plot: bool = True, notes: str
     old = out_dir / "benchmarks.md"
     previous = old.read_text() if old.exists() else ""
     if BEGIN in previous and END in previous:
-        doc = insert_section(doc, previous.split(BEGIN, 1)[1].split(END, 1)[0])
+        doc = insert_section(doc, previous.split(BEGIN, 1)[1].split(END, 1)[0].strip("\n"))
     old.write_text(doc)
 
 
