@@ -204,6 +204,48 @@ def _close_all(cache: OrderedDict[tuple[str, bool], _Segment], lock: threading.L
         os.close(fd)
 
 
+class SegmentFrame:
+    """A frame in a client's segment whose rows are copied into agent buffers when asked for.
+
+    Thread-safe: row ranges may be read from several threads at once (positional reads of one
+    descriptor). Every buffer is the agent's own; the segment is never mapped (module docstring)."""
+
+    def __init__(self, shm: SharedMemory, segment: _Segment, handle: ShmHandle, width: int, height: int,
+                 stride: int) -> None:
+        self._shm, self._segment, self._handle = shm, segment, handle
+        self._stride = stride
+        self.shape = (height, width, 3)
+        self._whole: np.ndarray | None = None
+
+    @contextmanager
+    def rows(self, first: int, stop: int) -> Iterator[np.ndarray]:
+        """Rows [first, stop) as a (stop - first) x W x 3 array, valid inside the with-block."""
+        height, width = self.shape[:2]
+        if not 0 <= first < stop <= height:
+            raise ValueError(f"rows {first}..{stop} are not inside a frame of {height} rows")
+        nbytes = (stop - first) * self._stride
+        with self._shm.pool.borrowed(nbytes) as buf:
+            self._shm._pread(self._segment, buf.data, self._handle, first * self._stride)
+            yield buf.reshape(stop - first, self._stride)[:, :width * 3].reshape(stop - first, width, 3)
+
+    def whole(self) -> np.ndarray:
+        """The whole frame (read once, kept until the frame is closed)."""
+        if self._whole is None:
+            buf = self._shm.pool.acquire(self._handle.size)
+            try:
+                self._shm._pread(self._segment, buf.data, self._handle)
+            except BaseException:
+                self._shm.pool.release(buf)
+                raise
+            self._whole = buf
+        return as_image(self._whole, self.shape[1], self.shape[0])
+
+    def _close(self) -> None:
+        if self._whole is not None:
+            self._shm.pool.release(self._whole)
+            self._whole = None
+
+
 class MaskTarget:
     """The client's mask segment, opened and checked before inference. The mask reaches it in one of
     two ways, both copied into the segment by ``commit`` (after the model's slot is released):
@@ -297,14 +339,22 @@ class SharedMemory:
     def frame(self, handle: ShmHandle, width: int, height: int) -> Iterator[np.ndarray]:
         """The HxWx3 image in the handle's range, copied into an agent-owned buffer that stays valid
         (and is not reused) until the with-block ends."""
+        with self.frame_rows(handle, width, height) as frame:
+            yield frame.whole()
+
+    @contextmanager
+    def frame_rows(self, handle: ShmHandle, width: int, height: int) -> Iterator[SegmentFrame]:
+        """The HxWx3 image in the handle's range, read on demand: SegmentFrame.rows() copies a range of
+        rows (a resize's row bands read their own rows, in parallel, while they are hot in the cache),
+        SegmentFrame.whole() all of it. Valid until the with-block ends."""
         check_size(width, height)
-        row_stride(width, handle.size, height)  # the size must fit the bitmap before anything is read
+        stride = row_stride(width, handle.size, height)
         segment = self._acquire(handle, writable=False)
+        frame = SegmentFrame(self, segment, handle, width, height, stride)
         try:
-            with self.pool.borrowed(handle.size) as buf:
-                self._pread(segment, buf.data, handle)
-                yield as_image(buf, width, height)
+            yield frame
         finally:
+            frame._close()
             self._release(segment)
 
     # -- masks out -------------------------------------------------------------------------------
@@ -416,11 +466,12 @@ class SharedMemory:
 
     # -- I/O -------------------------------------------------------------------------------------
     @staticmethod
-    def _pread(segment: _Segment, buf: memoryview, handle: ShmHandle) -> None:
+    def _pread(segment: _Segment, buf: memoryview, handle: ShmHandle, start: int = 0) -> None:
+        """Fill buf from the handle's range, `start` bytes into it."""
         done, total = 0, len(buf)
         try:
             while done < total:
-                n = _preadv(segment.fd, buf[done:], handle.offset + done)
+                n = _preadv(segment.fd, buf[done:], handle.offset + start + done)
                 if n == 0:  # end of file: the client shrank the segment since the checks
                     raise _changed(handle)
                 done += n

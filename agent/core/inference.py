@@ -20,6 +20,7 @@ from agent.core.frames import SharedMemory, ShmHandle, as_image, check_size
 from agent.core.lifecycle import ModelRegistry, RunningModel
 from agent.core.masks import MaskPolicy
 from agent.core.pipeline import Clock, Detection
+from agent.core.resize import Frame
 from agent.errors import InvalidInput
 
 
@@ -69,8 +70,11 @@ class InferenceService:
         try:
             with ExitStack() as frames:
                 t0 = self.clock()
-                if request.shm is not None:  # copied into an agent-owned buffer (frames.py says why)
-                    image = frames.enter_context(self.shm.frame(request.shm, request.width, request.height))
+                image: Frame
+                if request.shm is not None:
+                    # Opened and checked here; its rows are copied into agent-owned buffers (frames.py says
+                    # why) by pre-processing, each row band reading its own rows on its own thread.
+                    image = frames.enter_context(self.shm.frame_rows(request.shm, request.width, request.height))
                 else:
                     assert request.data is not None
                     image = as_image(request.data, request.width, request.height)

@@ -22,7 +22,7 @@ import numpy as np
 from agent.core import masks
 from agent.core.masks import MaskPolicy
 from agent.core.package import ModelPackage
-from agent.core.resize import ResizeWorkers, pillow_bilinear
+from agent.core.resize import Frame, ResizeWorkers, pillow_bilinear, whole
 from agent.errors import InferenceFailed, ModelLoadError
 from agent.runtime.base import RuntimeSession
 
@@ -190,11 +190,12 @@ class Predictor:
         return (raw[1], raw[0]) if raw is not None else (width, height)
 
     # -- per request ---------------------------------------------------------------------------
-    def _resize(self, image: np.ndarray) -> np.ndarray:
+    def _resize(self, image: Frame) -> np.ndarray:
         width, height = self.size
         if image.shape[1] == width and image.shape[0] == height:
-            return image
+            return whole(image)
         if self._resampler == "cv2":
+            image = whole(image)
             import cv2
 
             # cv2.resize as DDA calls it (dsize = (width, height)), on the uint8 RGB frame.
@@ -202,7 +203,7 @@ class Predictor:
             return np.asarray(cv2.resize(src, (width, height), interpolation=int(self.package.interpolation)))
         return pillow_bilinear(image, (width, height), self._fast_reduce, self._resize_workers)
 
-    def preprocess(self, image: np.ndarray) -> np.ndarray:
+    def preprocess(self, image: Frame) -> np.ndarray:
         width, height = self.size
         image = self._resize(image)
         if self._dda:
@@ -220,9 +221,10 @@ class Predictor:
         chw += self._bias
         return tensor if self.input_dtype == np.float32 else tensor.astype(self.input_dtype)
 
-    def predict(self, image: np.ndarray, mask_out: memoryview | MaskRows | None = None,
+    def predict(self, image: Frame, mask_out: memoryview | MaskRows | None = None,
                 policy: MaskPolicy | None = None) -> Detection:
-        """image: HxWx3 uint8 RGB (any strides). Raises InferenceFailed when the runtime fails.
+        """image: HxWx3 uint8 RGB (any strides), or a frame read on demand (frames.SegmentFrame). Raises
+        InferenceFailed when the runtime fails.
 
         mask_out: a writable buffer of at least mask_size()'s W*H*3 bytes, into which the full-size mask
         is rendered, or a MaskRows, which gets its rows (`Detection.mask` stays None, `mask_in_buffer` is

@@ -22,6 +22,7 @@ in single-threaded C. Two things make it faster here without changing what a mod
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import typing
@@ -47,6 +48,31 @@ BAND_MIN_ROWS = 8
 AUTO_MAX_THREADS = 4
 
 T = typing.TypeVar("T")
+
+
+class RowSource(typing.Protocol):
+    """A frame whose rows are read on demand (frames.SegmentFrame: a client's shared-memory segment), so
+    each row band reads just its rows, on its own thread."""
+
+    shape: tuple[int, int, int]
+
+    def rows(self, first: int, stop: int) -> typing.ContextManager[np.ndarray]: ...
+
+    def whole(self) -> np.ndarray: ...
+
+
+Frame = typing.Union[np.ndarray, RowSource]
+
+
+def whole(image: Frame) -> np.ndarray:
+    """The whole frame as an HxWx3 array (a RowSource reads it)."""
+    return image if isinstance(image, np.ndarray) else image.whole()
+
+
+def _rows(image: Frame, first: int, stop: int) -> typing.ContextManager[np.ndarray]:
+    if isinstance(image, np.ndarray):
+        return contextlib.nullcontext(image[first:stop])
+    return image.rows(first, stop)
 
 
 class ResizeWorkers:
@@ -105,12 +131,28 @@ class ResizeWorkers:
             if future is None:
                 self.release(1)
             pending.append((future, job))
-        results = [jobs[0]()]
+        # No band outlives run(), not even when one fails: a band may read from a frame (a client's
+        # segment) that is closed as soon as this returns.
+        try:
+            mine = jobs[0]()
+        except BaseException:
+            for future, _ in pending:
+                if future is not None and future.cancel():
+                    self.release(1)
+                elif future is not None:
+                    future.exception()  # wait for it; the request's own error is the one raised
+            raise
+        results, error = [mine], None
         for future, job in pending:
-            if future is not None and future.cancel():
-                self.release(1)
-                future = None
-            results.append(job() if future is None else future.result())
+            try:
+                if future is not None and future.cancel():
+                    self.release(1)
+                    future = None
+                results.append(job() if future is None else future.result())
+            except BaseException as exc:  # raised once every band has ended
+                error = error or exc
+        if error is not None:
+            raise error
         return results
 
     def _reserved(self, job: typing.Callable[[], T]) -> T:
@@ -129,9 +171,10 @@ def reduce_factors(width: int, height: int, size: tuple[int, int]) -> tuple[int,
     return (int(width / size[0] / REDUCING_GAP) or 1, int(height / size[1] / REDUCING_GAP) or 1)
 
 
-def pillow_bilinear(image: np.ndarray, size: tuple[int, int], fast_reduce: bool = True,
+def pillow_bilinear(image: Frame, size: tuple[int, int], fast_reduce: bool = True,
                     workers: ResizeWorkers | None = None) -> np.ndarray:
-    """image (HxWx3 uint8) resized to size (w, h) as Pillow's BILINEAR with reducing_gap=3.0 does it.
+    """image (HxWx3 uint8, or a RowSource) resized to size (w, h) as Pillow's BILINEAR with reducing_gap=3.0
+    does it.
 
     fast_reduce: when the reduction is large, reduce_frame does Pillow's box reduction on the 3-byte frame
     (within 1 grey level of Pillow's output per channel), else Pillow does it (exact).
@@ -149,6 +192,7 @@ def pillow_bilinear(image: np.ndarray, size: tuple[int, int], fast_reduce: bool 
         cuts = [size[1] * k // bands for k in range(bands + 1)]
         jobs = [_band_job(image, size, fx, fy, opencv, cuts[k], cuts[k + 1]) for k in range(bands)]
         return np.concatenate(workers.run(jobs))
+    image = whole(image)
     if opencv:
         reduced = reduce_frame(image, fx, fy)
         return np.asarray(Image.fromarray(reduced, "RGB").resize(
@@ -167,10 +211,11 @@ def _band_count(threads: int, out_height: int, pixels: int) -> int:
     return bands
 
 
-def _band_job(image: np.ndarray, size: tuple[int, int], fx: int, fy: int, opencv: bool, first: int,
+def _band_job(image: Frame, size: tuple[int, int], fx: int, fy: int, opencv: bool, first: int,
               stop: int) -> typing.Callable[[], np.ndarray]:
     """Output rows [first, stop) of pillow_bilinear(image, size): Pillow's resize of just the input rows
-    under those rows' filter, with the whole frame's filter positions passed as the box."""
+    under those rows' filter (read by the band's own thread from a RowSource), with the whole frame's filter
+    positions passed as the box."""
     height, width = image.shape[:2]
     # The box of the resize after the reduction, as Pillow computes it and reads it (float32).
     box_w, box_h = float(np.float32(width / fx)), float(np.float32(height / fy))
@@ -181,15 +226,15 @@ def _band_job(image: np.ndarray, size: tuple[int, int], fx: int, fy: int, opencv
     lo = max(int((first + 0.5) * scale - support + 0.5) - 1, 0)
     hi = min(int((stop - 0.5) * scale + support + 0.5) + 1, reduced_h)
     top, bottom = box_h * first / size[1] - lo, box_h * stop / size[1] - lo
-    rows = image[lo * fy:min(hi * fy, height)]
 
     def job() -> np.ndarray:
-        if opencv:
-            pil = Image.fromarray(reduce_frame(rows, fx, fy), "RGB")
-        else:
-            pil = _pil(rows)
-            if fx * fy > 1:
-                pil = pil.reduce((fx, fy))
+        with _rows(image, lo * fy, min(hi * fy, height)) as rows:
+            if opencv:
+                pil = Image.fromarray(reduce_frame(rows, fx, fy), "RGB")
+            else:
+                pil = _pil(rows)
+                if fx * fy > 1:
+                    pil = pil.reduce((fx, fy))
         return np.asarray(pil.resize((size[0], stop - first), Image.Resampling.BILINEAR,
                                      box=(0.0, top, box_w, bottom)))
 

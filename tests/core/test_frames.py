@@ -80,6 +80,53 @@ def test_padded_rows_from_shared_memory(shm_name):
         assert np.array_equal(frame, img)
 
 
+def test_rows_of_a_segment_frame_are_read_on_demand_from_any_thread(shm_name):
+    """frame_rows(): row ranges (packed or padded rows, at an offset) copied into pooled agent buffers when
+    asked for, from several threads at once; whole() once; every buffer back in the pool afterwards."""
+    img = image(65, 120)  # 195 bytes a row, padded to 196
+    padded = np.full((120, 196), 7, np.uint8)
+    padded[:, :195] = img.reshape(120, -1)
+    segment(shm_name, b"\xee" * 333 + padded.tobytes())
+    shm = SharedMemory(pool=BufferPool())
+    got: dict[tuple[int, int], bool] = {}
+    with shm.frame_rows(ShmHandle(shm_name, padded.nbytes, 333), 65, 120) as frame:
+        assert frame.shape == (120, 65, 3)
+
+        def read(first: int, stop: int) -> None:
+            for _ in range(50):
+                with frame.rows(first, stop) as rows:
+                    got[first, stop] = got.get((first, stop), True) and np.array_equal(rows, img[first:stop])
+
+        threads = [threading.Thread(target=read, args=r) for r in ((0, 7), (5, 64), (60, 120), (119, 120))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert got == {(0, 7): True, (5, 64): True, (60, 120): True, (119, 120): True}
+        assert np.array_equal(frame.whole(), img) and frame.whole() is not None
+        with pytest.raises(ValueError, match="not inside a frame of 120 rows"):
+            with frame.rows(100, 121):
+                pass
+    # The whole-frame buffer and the row buffers (at least the largest) are back in the pool.
+    assert shm.pool.idle_bytes >= padded.nbytes + 60 * 196
+
+
+def test_rows_read_after_the_segment_shrank_are_invalid_argument(shm_name):
+    img = image(80, 100)
+    path = segment(shm_name, img.tobytes())
+    with SharedMemory().frame_rows(ShmHandle(shm_name, img.nbytes, 0), 80, 100) as frame:
+        with frame.rows(0, 10) as rows:
+            assert np.array_equal(rows, img[:10])
+        os.truncate(path, 80 * 3 * 50)  # the client shrinks it mid-request: half the rows are gone
+        with frame.rows(10, 50) as rows:
+            assert np.array_equal(rows, img[10:50])
+        with pytest.raises(InvalidInput, match="changed size during the request"):
+            with frame.rows(40, 60):
+                pass
+        with pytest.raises(InvalidInput, match="changed size during the request"):
+            frame.whole()
+
+
 def test_descriptor_is_kept_while_the_name_is_the_same_segment_and_reopened_when_replaced(shm_name):
     img = image()
     segment(shm_name, img.tobytes())

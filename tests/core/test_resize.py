@@ -3,6 +3,7 @@ row bands resized in parallel giving Pillow's own output."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -204,6 +205,57 @@ def test_a_queued_band_is_taken_back_by_the_request():
             time.sleep(0.01)
     finally:
         release.set()
+        pool.close()
+
+
+@pytest.mark.parametrize("frame,size", [((1920, 1080), (224, 224)), ((4096, 2160), (256, 256)),
+                                        ((640, 480), (224, 224))])
+def test_a_frame_read_on_demand_resizes_like_the_array(frame, size, workers):
+    """A shared-memory frame (frames.SegmentFrame): each band reads its own rows (or, uncut, the whole frame
+    is read): the same pixels as resizing the array."""
+    from agent.core.frames import SharedMemory, ShmHandle
+
+    image = textures(*frame)["shapes"]
+    name = f"/ea-resize-{os.getpid()}"
+    path = f"/dev/shm{name}"
+    with open(path, "wb") as f:
+        f.write(image.tobytes())
+    shm = SharedMemory()
+    try:
+        for fast in (False, True):
+            expected = pillow_bilinear(image, size, fast)
+            for pool in (None, workers[2], workers[4]):
+                with shm.frame_rows(ShmHandle(name, image.nbytes, 0), *frame) as source:
+                    np.testing.assert_array_equal(pillow_bilinear(source, size, fast, pool), expected)
+    finally:
+        shm.close()
+        os.unlink(path)
+
+
+def test_no_band_outlives_run_even_when_the_requests_own_band_fails():
+    """The other bands may read from the request's frame (a client segment closed right after): run() waits
+    for every band it handed out before it returns or raises."""
+    pool = ResizeWorkers(2)
+    ended = threading.Event()
+    started = threading.Event()
+
+    def own() -> int:
+        assert started.wait(5)
+        raise ValueError("own band failed")
+
+    def other() -> int:
+        started.set()
+        time.sleep(0.2)
+        ended.set()
+        return 2
+
+    try:
+        assert pool.reserve(1) == 1
+        with pytest.raises(ValueError, match="own band failed"):
+            pool.run([own, other])
+        assert ended.is_set()
+        assert pool.reserve(1) == 1  # and its thread was given back
+    finally:
         pool.close()
 
 
