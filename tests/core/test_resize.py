@@ -232,6 +232,42 @@ def test_a_frame_read_on_demand_resizes_like_the_array(frame, size, workers):
         os.unlink(path)
 
 
+def test_a_failed_band_leaves_no_reference_cycle(workers):
+    """A band failing (its client shrank the segment mid-request) must not leave its exception in a reference
+    cycle: its traceback holds the band's frame buffer, which would then wait for the garbage collector
+    (measured before the fix: +300 MB RSS under a stream of such requests)."""
+    import gc
+
+    from agent.core.frames import SegmentFrame, SharedMemory, ShmHandle
+    from agent.errors import InvalidInput
+
+    image = textures(1920, 1080)["noise"]
+    name = f"/ea-resize-cycle-{os.getpid()}"
+    path = f"/dev/shm{name}"
+    shm = SharedMemory()
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        # 75 %: the other band fails, the request's own succeeds; 25 %: the request's own band fails too.
+        for kept in (0.75, 0.25):
+            with open(path, "wb") as f:
+                f.write(image.tobytes())
+            with shm.frame_rows(ShmHandle(name, image.nbytes, 0), 1920, 1080) as source:
+                os.truncate(path, int(image.nbytes * kept))
+                with pytest.raises(InvalidInput, match="changed size during the request"):
+                    pillow_bilinear(source, (224, 224), True, workers[2])
+        gc.collect()
+        cycles = [type(o).__name__ for o in gc.garbage if isinstance(o, (InvalidInput, SegmentFrame))]
+        assert cycles == []
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+        shm.close()
+        os.unlink(path)
+
+
 def test_no_band_outlives_run_even_when_the_requests_own_band_fails():
     """The other bands may read from the request's frame (a client segment closed right after): run() waits
     for every band it handed out before it returns or raises."""
