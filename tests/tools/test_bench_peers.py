@@ -224,6 +224,10 @@ def test_a_benchmark_run_keeps_the_peers_section(tmp_path: Path) -> None:
         assert text.count(peers.BEGIN) == 1 and text.split(peers.BEGIN)[1].split(peers.END)[0] == section
         assert text.index("notes of this run") < text.index(peers.BEGIN) < text.index("## How to run")
         assert "| tiny | 640x480 | 1 | floor |" in text
+    # `scripts/bench --rewrite`: the same document again from benchmarks.json and benchmarks-notes.md.
+    (tmp_path / "benchmarks-notes.md").write_text("notes of this run\n")
+    assert benchmark.main(["--out", str(tmp_path), "--rewrite", "--no-plot"]) == 0
+    assert (tmp_path / "benchmarks.md").read_text() == text
 
 
 def test_a_row_group_whose_floor_ran_under_outside_load_is_flagged(tmp_path: Path) -> None:

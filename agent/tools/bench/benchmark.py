@@ -596,6 +596,7 @@ HOW_TO = """## How to run
 scripts/bench                       # or: edge-agent bench [--out docs] [--scale 1] [--cap 8]
 scripts/bench --models tiny --frames 640x480 --clients 1,4 --scale 0.5
 scripts/bench --agent-arg=--intra-op-threads --agent-arg=1     # try an agent setting
+scripts/bench --rewrite             # benchmarks.md again from benchmarks.json, after editing benchmarks-notes.md
 ```
 
 It builds the models with `agent.tools.modelgen`, starts `python -m agent serve` on a temporary Unix socket,
@@ -606,10 +607,11 @@ measures, and writes `benchmarks.md`, `benchmarks.json` and `benchmarks.png` (th
 For one change, compare two builds side by side instead of two benchmark runs (whose drift on a shared
 machine is often larger than the change): `edge-agent bench-ab` runs the working tree and a git revision
 (checked out into a temporary worktree) at once, alternates blocks of requests between them (ABBA), and
-reports p50/p90, page faults and CPU ticks per request of each agent:
+reports p50/p90, throughput, page faults and CPU ticks per request of each agent (`--clients N`: N
+concurrent clients per block):
 
 ```
-.venv/bin/edge-agent bench-ab --rev HEAD~1 --frame 1920x1080 --mode bytes [--blocks 20]
+.venv/bin/edge-agent bench-ab --rev HEAD~1 --frame 1920x1080 --mode bytes [--blocks 20] [--clients 4]
 .venv/bin/edge-agent bench-ab --candidate-arg=--malloc-mmap-threshold-mb --candidate-arg=0   # a setting
 ```
 """
@@ -700,9 +702,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "(repeat; also applied to the floor's runtime options), e.g. --agent-arg=--intra-op-threads "
                    "--agent-arg=1")
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--rewrite", action="store_true", help="measure nothing: write benchmarks.md again from "
+                   "benchmarks.json (e.g. after editing benchmarks-notes.md)")
+
+
+def load_report(path: Path) -> Report:
+    """A report as write_report saved it (benchmarks.json)."""
+    data = json.loads(path.read_text())
+    data.pop("targets", None)  # derived from the results
+    results = [Result(**r) for r in data.pop("results")]
+    return Report(results=results, **data)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.rewrite:
+        write_report(load_report(args.out / "benchmarks.json"), args.out, plot=not args.no_plot)
+        print(f"wrote {args.out / 'benchmarks.md'} from benchmarks.json and benchmarks-notes.md")
+        return 0
     bad = [m for m in args.models if m not in MODELS] + [f for f in args.frames if f not in FRAMES]
     if bad:
         print(f"edge-agent bench: unknown model/frame {bad}", file=sys.stderr)
