@@ -110,16 +110,22 @@ def test_row_bands_at_other_boundaries_stay_within_one_grey_level(frame, size, w
         assert diff.mean() < 0.01
 
 
+class _CountingWorkers(ResizeWorkers):
+    """ResizeWorkers that note how many bands each frame was cut into."""
+
+    def __init__(self, threads: int) -> None:
+        super().__init__(threads)
+        self.calls: list[int] = []
+
+    def run(self, jobs):
+        self.calls.append(len(jobs))
+        return super().run(jobs)
+
+
 def test_small_frames_and_thin_models_are_not_cut(workers):
     """Below BAND_MIN_PIXELS, or when a band would get fewer than 8 output rows, one thread does it all."""
-    calls = []
-
-    class Counting(ResizeWorkers):
-        def run(self, jobs):
-            calls.append(len(jobs))
-            return super().run(jobs)
-
-    pool = Counting(4)
+    pool = _CountingWorkers(4)
+    calls = pool.calls
     try:
         side = int(BAND_MIN_PIXELS ** 0.5) - 1
         small = textures(side, side)["noise"]
@@ -137,14 +143,8 @@ def test_small_frames_and_thin_models_are_not_cut(workers):
 def test_a_request_cuts_its_frame_only_for_idle_threads():
     """reserve() hands out idle pool threads only; with all taken (other requests' bands), a frame is resized
     in one piece on the request's thread: no bands, and the same pixels."""
-    calls = []
-
-    class Counting(ResizeWorkers):
-        def run(self, jobs):
-            calls.append(len(jobs))
-            return super().run(jobs)
-
-    pool = Counting(4)
+    pool = _CountingWorkers(4)
+    calls = pool.calls
     try:
         frame = textures(1920, 1080)["shapes"]
         assert pool.reserve(2) == 2 and pool.reserve(2) == 1 and pool.reserve(1) == 0
