@@ -147,7 +147,8 @@ def class_counts(class_mask: np.ndarray, width: int, height: int, resampler: str
 
 #: OpenCV's nearest-neighbour flag that picks the same source pixels as each resampler: INTER_NEAREST_EXACT
 #: is documented to match Pillow's NEAREST, INTER_NEAREST is what DDA calls. Used only where
-#: opencv_matches() has checked it against the resampler's own index map.
+#: opencv_matches() has checked it against the resampler's own index map: OpenCV 4.5.1's
+#: INTER_NEAREST_EXACT maps some sizes differently from Pillow (224 -> 1080 columns, for one).
 _OPENCV_NEAREST = {"pillow": "INTER_NEAREST_EXACT", "cv2": "INTER_NEAREST"}
 
 
