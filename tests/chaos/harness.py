@@ -35,6 +35,7 @@ from typing import Any
 
 import grpc
 import numpy as np
+from grpc_health.v1 import health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent.core.package import build_package
@@ -61,32 +62,34 @@ def frame(width: int, height: int, defect: bool) -> np.ndarray:
 # -- the agent process -----------------------------------------------------------------------------
 
 class AgentProcess:
-    """`python -m agent serve` in a subprocess with one autostarted anomalib model."""
+    """`python -m agent serve` in a subprocess on a Unix socket in `workdir`, serving the packages in
+    workdir/models (both chaos modules drive it)."""
 
-    def __init__(self, workdir: Path, onnx: Path, *extra_args: str) -> None:
+    def __init__(self, workdir: Path, *extra_args: str, large_messages: bool = False) -> None:
+        """large_messages: the client channel accepts 64 MiB (4096x4096 masks inline); else gRPC's defaults."""
         self.workdir = workdir
-        self.socket = f"unix://{workdir}/chaos.sock"
-        build_package(onnx, workdir / "models" / MODEL, name=MODEL, autostart=True)
+        self.socket = f"unix://{workdir}/agent.sock"
         self.log_path = workdir / "agent.log"
         self._log = open(self.log_path, "w")  # a file, not a pipe: a chatty agent must never block on it
-        env = {**os.environ, "PYTHONPATH": str(AGENT_SRC)}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "agent", "serve", "--socket", self.socket, "--models-dir",
              str(workdir / "models"), "--execution-providers", "cpu", "--work-dir", str(workdir / "work"),
-             "--metrics-port", "0", "--log-format", "json", *extra_args],
-            stdout=self._log, stderr=subprocess.STDOUT, cwd=AGENT_SRC, env=env)
-        self.channel = grpc.insecure_channel(self.socket, options=[
-            ("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)])
+             "--metrics-port", "0", *extra_args],
+            stdout=self._log, stderr=subprocess.STDOUT, cwd=AGENT_SRC, env={**os.environ, "PYTHONPATH": str(AGENT_SRC)})
+        options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+        self.channel = grpc.insecure_channel(self.socket, options=options if large_messages else None)
         self.stub = pb_grpc.EdgeAgentStub(self.channel)
+        self.health = health_pb2_grpc.HealthStub(self.channel)
         self.metrics_url = ""
 
-    def wait_running(self, timeout: float = 60.0) -> None:
+    def wait_ready(self, *models: str, timeout: float = 60.0) -> None:
+        """Until every model is RUNNING; then the metrics endpoint's address is read from the log."""
         deadline = time.monotonic() + timeout
         while True:
             assert self.alive, f"agent exited with {self.proc.returncode}:\n{self.log_tail()}"
-            assert time.monotonic() < deadline, f"model never RUNNING:\n{self.log_tail()}"
+            assert time.monotonic() < deadline, f"{models} never RUNNING:\n{self.log_tail()}"
             try:
-                if self.describe(timeout=1.0) == "RUNNING":
+                if all(self.status(m, timeout=1.0) == "RUNNING" for m in models):
                     break
             except grpc.RpcError:
                 pass
@@ -99,9 +102,19 @@ class AgentProcess:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def describe(self, timeout: float = 2.0) -> str:
-        reply = self.stub.DescribeModel(pb.DescribeModelRequest(model_component=MODEL), timeout=timeout)
-        return pb.ModelStatus.Name(reply.model_description.status)
+    def status(self, model: str = MODEL, timeout: float = 2.0) -> str:
+        return pb.ModelStatus.Name(self.describe(model, timeout).status)
+
+    def describe(self, model: str = MODEL, timeout: float = 5.0) -> Any:
+        reply = self.stub.DescribeModel(pb.DescribeModelRequest(model_component=model), timeout=timeout)
+        return reply.model_description
+
+    def wait_status(self, model: str, *statuses: str, timeout: float = 30.0) -> str:
+        deadline = time.monotonic() + timeout
+        while (status := self.status(model)) not in statuses:
+            assert time.monotonic() < deadline, f"{model} is {status}, wanted {statuses}:\n{self.log_tail()}"
+            time.sleep(0.02)
+        return status
 
     def rss_mb(self) -> float:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
@@ -113,32 +126,41 @@ class AgentProcess:
         with urllib.request.urlopen(self.metrics_url, timeout=10) as response:
             return str(response.read().decode())
 
-    @staticmethod
-    def sample(text: str, name: str, **labels: str) -> float:
-        """The sum of the samples called `name` with (at least) these labels in a /metrics text (0 if none)."""
+    def sample(self, name: str, text: str | None = None, **labels: str) -> float:
+        """The sum of the samples called `name` with (at least) these labels, in `text` or a fresh scrape."""
+        text = self.metrics() if text is None else text
         return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
                    if s.name == name and labels.items() <= s.labels.items())
 
+    def version(self, model: str) -> str:
+        """The version edge_agent_model_info says the model serves ("" when none)."""
+        pattern = r'edge_agent_model_info\{[^}]*model="' + re.escape(model) + r'"[^}]*version="([^"]*)"'
+        found = re.search(pattern, self.metrics())
+        return found.group(1) if found else ""
+
     def log_tail(self, lines: int = 30) -> str:
         return "\n".join(self.log_path.read_text().splitlines()[-lines:])
+
+    def terminate(self, timeout: float = 30.0) -> int:
+        """SIGTERM; the exit status (asserting it exits within `timeout`)."""
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"SIGTERM did not stop the agent within {timeout} s:\n{self.log_tail()}") from None
 
     def stop(self, timeout: float = 20.0) -> float:
         """SIGTERM; seconds until the process exited (asserting it exits within `timeout`, status 0)."""
         self.channel.close()
         t0 = time.monotonic()
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            rc = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise AssertionError(f"SIGTERM did not stop the agent within {timeout} s:\n{self.log_tail()}") from None
-        finally:
-            self._log.close()
+        rc = self.terminate(timeout)
         assert rc == 0, f"agent exited with {rc} after SIGTERM:\n{self.log_tail()}"
         return time.monotonic() - t0
 
-    def kill(self) -> None:
+    def close(self) -> None:
+        self.channel.close()
         if self.alive:
             self.proc.kill()
             self.proc.wait()
@@ -147,12 +169,14 @@ class AgentProcess:
 
 @contextmanager
 def running_agent(workdir: Path, onnx: Path, *extra_args: str) -> Iterator[AgentProcess]:
-    agent = AgentProcess(workdir, onnx, *extra_args)
+    """An agent with one autostarted anomalib model (MODEL), RUNNING; killed afterwards if still alive."""
+    build_package(onnx, workdir / "models" / MODEL, name=MODEL, autostart=True)
+    agent = AgentProcess(workdir, "--log-format", "json", *extra_args, large_messages=True)
     try:
-        agent.wait_running()
+        agent.wait_ready(MODEL)
         yield agent
     finally:
-        agent.kill()
+        agent.close()
 
 
 # -- client-owned segments -------------------------------------------------------------------------
@@ -253,7 +277,7 @@ class Tally:
         self.write_report(crashed)
         assert not crashed, f"{self.attack}: the agent died ({agent.proc.returncode}):\n{agent.log_tail()}"
         t0 = time.monotonic()
-        assert agent.describe(timeout=5.0) == "RUNNING"
+        assert agent.status(timeout=5.0) == "RUNNING"
         assert time.monotonic() - t0 < 2.0, f"{self.attack}: DescribeModel took {time.monotonic() - t0:.1f} s"
         assert self.sent > 0, f"{self.attack}: nothing was sent"
         assert self.hangs == 0, f"{self.attack}: {self.hangs} calls were never answered"

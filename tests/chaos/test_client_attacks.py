@@ -309,7 +309,7 @@ def test_unknown_method_names_flood(chaos_agent, count):
     assert tally.sent == count
     assert "Chaos" not in after and "Made" not in after
     assert len(after) - len(before) < 4096, (len(before), len(after))
-    assert agent.sample(after, "grpc_server_handled_total", grpc_service="unknown", grpc_method="unknown",
+    assert agent.sample("grpc_server_handled_total", after, grpc_service="unknown", grpc_method="unknown",
                         grpc_type="unknown", grpc_code="UNIMPLEMENTED") >= count
 
 
@@ -348,13 +348,13 @@ def test_segments_the_client_could_not_use(chaos_agent, names, rounds):
     t0 = time.monotonic()
     try:
         for _ in range(rounds):
-            refused_before = agent.sample(agent.metrics(), "edge_agent_inference_duration_seconds_count")
+            refused_before = agent.sample("edge_agent_inference_duration_seconds_count")
             for request, code, words in cases[:3]:
                 got, details, _ = call(agent.stub.DetectAnomalies, request, timeout=10)
                 tally.add(got, details)
                 assert got == code and words in details, (got, details)
             # Refused before inference: not one inference ran for the three refused requests.
-            assert agent.sample(agent.metrics(), "edge_agent_inference_duration_seconds_count") == refused_before
+            assert agent.sample("edge_agent_inference_duration_seconds_count") == refused_before
             for request, code, _ in cases[3:]:
                 got, details, _ = call(agent.stub.DetectAnomalies, request, timeout=10)
                 tally.add(got, details)

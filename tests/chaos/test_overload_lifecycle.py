@@ -14,14 +14,10 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -32,19 +28,15 @@ import grpc
 import numpy as np
 import onnx
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
+from harness import REPORT, AgentProcess
 from metrics_fixtures import short_tmp_dir
 from onnx import helper, numpy_helper
-from prometheus_client.parser import text_string_to_metric_families
 
 from agent.core.package import build_package
 from agent.serving.grpc._generated import edge_agent_pb2 as pb
-from agent.serving.grpc._generated import edge_agent_pb2_grpc as pb_grpc
 from agent.tools.modelgen import build_anomalib_v2
 
-ROOT = Path(__file__).resolve().parents[2]
-AGENT_SRC = Path(os.environ.get("CHAOS_AGENT_SRC") or ROOT)
-REPORT = os.environ.get("CHAOS_REPORT")
 BAD_UTF8 = b"\x0a\x02\xff\xfe"  # DetectAnomaliesRequest.model_component (a string) that is not UTF-8
 FORBIDDEN = {"INTERNAL", "UNKNOWN"}
 
@@ -83,92 +75,9 @@ def build_slow_anomalib(path: Path, *, matmuls: int = 120, width: int = 1024) ->
     return path
 
 
-class AgentProcess:
-    """`python -m agent serve` on a Unix socket in `workdir`, models from workdir/models."""
-
-    def __init__(self, workdir: Path, *extra: str) -> None:
-        self.workdir = workdir
-        self.socket = f"unix://{workdir}/agent.sock"
-        self.log_path = workdir / "agent.log"
-        self._log = open(self.log_path, "w")  # a file, not a pipe: the agent must never block on it
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "agent", "serve", "--socket", self.socket, "--models-dir",
-             str(workdir / "models"), "--execution-providers", "cpu", "--intra-op-threads", "1",
-             "--work-dir", str(workdir / "work"), "--metrics-port", "0", "--warmup-runs", "1",
-             "--model-scan-interval-seconds", "0.2", *extra],
-            stdout=self._log, stderr=subprocess.STDOUT, cwd=AGENT_SRC,
-            env={**os.environ, "PYTHONPATH": str(AGENT_SRC)})
-        self.channel = grpc.insecure_channel(self.socket)
-        self.stub = pb_grpc.EdgeAgentStub(self.channel)
-        self.health = health_pb2_grpc.HealthStub(self.channel)
-        self.metrics_url = ""
-
-    def wait_ready(self, *models: str, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            assert self.proc.poll() is None, f"agent exited with {self.proc.returncode}:\n{self.log_tail()}"
-            assert time.monotonic() < deadline, f"agent not ready:\n{self.log_tail()}"
-            try:
-                if all(self.status(m) == "RUNNING" for m in models):
-                    break
-            except grpc.RpcError:
-                pass
-            time.sleep(0.05)
-        found = re.search(r"metrics at (http://\S+/metrics)", self.log_path.read_text())
-        assert found, self.log_tail()
-        self.metrics_url = found.group(1)
-
-    def status(self, model: str, timeout: float = 2.0) -> str:
-        reply = self.stub.DescribeModel(pb.DescribeModelRequest(model_component=model), timeout=timeout)
-        return pb.ModelStatus.Name(reply.model_description.status)
-
-    def describe(self, model: str) -> Any:
-        return self.stub.DescribeModel(pb.DescribeModelRequest(model_component=model), timeout=5).model_description
-
-    def wait_status(self, model: str, *statuses: str, timeout: float = 30.0) -> str:
-        deadline = time.monotonic() + timeout
-        while (status := self.status(model)) not in statuses:
-            assert time.monotonic() < deadline, f"{model} is {status}, wanted {statuses}:\n{self.log_tail()}"
-            time.sleep(0.02)
-        return status
-
-    def rss_mb(self) -> float:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        raise AssertionError("no VmRSS")
-
-    def sample(self, name: str, **labels: str) -> float:
-        with urllib.request.urlopen(self.metrics_url, timeout=10) as response:
-            text = response.read().decode()
-        return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
-                   if s.name == name and labels.items() <= s.labels.items())
-
-    def version(self, model: str) -> str:
-        with urllib.request.urlopen(self.metrics_url, timeout=10) as response:
-            text = response.read().decode()
-        pattern = r'edge_agent_model_info\{[^}]*model="' + re.escape(model) + r'"[^}]*version="([^"]*)"'
-        found = re.search(pattern, text)
-        return found.group(1) if found else ""
-
-    def log_tail(self, lines: int = 30) -> str:
-        return "\n".join(self.log_path.read_text().splitlines()[-lines:])
-
-    def terminate(self, timeout: float = 30.0) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise AssertionError(f"SIGTERM did not stop the agent in {timeout} s:\n{self.log_tail()}") from None
-
-    def close(self) -> None:
-        self.channel.close()
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self._log.close()
+#: What every agent of this module runs with, besides the harness's flags: one intra-op thread (the slow
+#: model's time is predictable), one warm-up run, quick rescans for the swap tests.
+FLAGS = ("--intra-op-threads", "1", "--warmup-runs", "1", "--model-scan-interval-seconds", "0.2")
 
 
 def report(attack: str, **figures: Any) -> None:
@@ -210,7 +119,7 @@ def agent(onnx_files: dict[str, Path]) -> Iterator[AgentProcess]:
     with short_tmp_dir() as tmp:
         for name, kind in (("fast", "fast"), ("medium", "medium"), ("slow", "slow"), ("swap", "slow")):
             package(onnx_files, tmp, name, kind)
-        process = AgentProcess(tmp)
+        process = AgentProcess(tmp, *FLAGS)
         try:
             process.wait_ready("fast", "medium", "slow", "swap")
             yield process
@@ -392,7 +301,7 @@ def test_sigterm_lets_received_requests_finish(onnx_files: dict[str, Path], roun
     for _ in range(rounds):
         with short_tmp_dir() as tmp:
             package(onnx_files, tmp, model, model)
-            process = AgentProcess(tmp, "--max-queued-requests", "32")  # admission is not what's tested here
+            process = AgentProcess(tmp, *FLAGS, "--max-queued-requests", "32")  # admission is not what's tested here
             try:
                 process.wait_ready(model)
                 req = detect_request(model, size=1024)
