@@ -33,6 +33,18 @@ def test_core_and_runtime_import_no_transport_or_tooling():
     assert offenders == {}
 
 
+def test_core_reaches_the_runtime_only_through_its_interface():
+    """The core uses agent.runtime.base (load / predict / unload); ONNX Runtime itself is the composition root's
+    and the adapters' choice (what building a package asks of it is injected: build_package(probe=...))."""
+    offenders = {}
+    for path in sorted((ROOT / "agent" / "core").rglob("*.py")):
+        bad = sorted(n for n in _imports(path) if n.split(".")[0] in ("onnxruntime", "onnx")
+                     or n.startswith("agent.runtime.") and n != "agent.runtime.base")
+        if bad:
+            offenders[str(path.relative_to(ROOT))] = bad
+    assert offenders == {}
+
+
 def _modules_after(argv: list[str]) -> set[str]:
     code = ("import sys; from agent.cli import build_parser; build_parser(sys.argv[1:]); "
             "print('\\n'.join(sorted(sys.modules)))")

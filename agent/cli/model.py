@@ -82,6 +82,7 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from agent.core.package import build_package
+    from agent.runtime.onnx import OnnxProbe  # ONNX Runtime checks the model: devices have no `onnx`
 
     def split(text: str | None) -> list[str] | None:
         return [t.strip() for t in text.split(",")] if text else None
@@ -94,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
         score_activation=args.score_activation, package_format=args.package_format,
         class_normal_ids=args.class_normal_ids, image_classes=split(args.image_classes),
         seg_normal_ids=args.seg_normal_ids, classification_logic=args.classification_logic,
-        raw_image_size=args.raw_image_size, interpolation=args.interpolation,
+        raw_image_size=args.raw_image_size, interpolation=args.interpolation, probe=OnnxProbe(),
     )
     print(json.dumps({"name": package.name, "kind": package.kind, "format": package.format,
                       "path": str(package.root), "model_file": str(package.model_file),

@@ -25,10 +25,23 @@ import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from agent.core.masks import DEFAULT_PALETTE
 from agent.errors import ModelLoadError, PackageError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+
+class ModelProbe(Protocol):
+    """What building a package asks of a runtime (agent.runtime.onnx.OnnxProbe), so the core needs none."""
+
+    def check(self, model_file: Path) -> None:
+        """Raise ModelLoadError, saying why, when the runtime cannot read the model."""
+
+    def run(self, model_file: Path, feeds: Mapping[str, np.ndarray], outputs: Sequence[str]) -> list[np.ndarray]:
+        """The named outputs of one run on the CPU."""
 
 __all__ = ["DEFAULT_PALETTE", "ModelPackage", "build_package", "load_package"]
 
@@ -556,6 +569,7 @@ def build_package(
     classification_logic: str | None = None,
     raw_image_size: tuple[int, int] | None = None,
     interpolation: str | int | None = None,
+    probe: ModelProbe | None = None,
 ) -> ModelPackage:
     """Write a model package for an ONNX model into out_dir (created; must not exist or be empty).
 
@@ -566,6 +580,11 @@ def build_package(
     (fixed input size, class channels, output order). package_format "dda" writes DDA's layout and
     manifest (agent/core/formats/dda.py) for a model whose outputs are probabilities. The result is
     loaded back with load_package, so it is valid.
+
+    probe: what the runtime says of the model before anything is written: whether it can read it at all,
+    and, for DDA packages, one run to check the outputs are probabilities. `model build` and packaging jobs
+    pass ONNX Runtime's (agent.runtime.onnx.OnnxProbe: devices have no `onnx` package to check with); None
+    skips both checks.
     """
     src = Path(onnx_path)
     if not src.is_file():
@@ -582,12 +601,11 @@ def build_package(
     for rel in sig.external_files:
         if not (src.parent / rel).is_file():
             raise PackageError(f"{src.name} keeps its weights in {rel!r}, which is not beside it")
-    from agent.runtime.onnx import check_loadable  # ONNX Runtime checks the graph; devices have no `onnx`
-
-    try:
-        check_loadable(src)
-    except ModelLoadError as exc:
-        raise PackageError(f"{src.name}: {exc}") from exc
+    if probe is not None:
+        try:
+            probe.check(src)
+        except ModelLoadError as exc:
+            raise PackageError(f"{src.name}: {exc}") from exc
     if len(sig.inputs) != 1:
         raise PackageError(f"expected a model with one image input, found {[n for n, _ in sig.inputs]}")
     input_name, input_shape = sig.inputs[0]
@@ -630,7 +648,7 @@ def build_package(
                                           autostart=autostart, providers=providers, class_normal_ids=class_normal_ids,
                                           image_classes=image_classes, seg_normal_ids=seg_normal_ids,
                                           classification_logic=classification_logic, raw_image_size=raw_image_size,
-                                          interpolation=interp)
+                                          interpolation=interp, probe=probe)
         return _write_package(src, out_dir, dda_doc, files_map)
 
     stage: dict[str, Any] = {

@@ -30,6 +30,7 @@ from agent.packaging.errors import (
     ThrottlingException,
     ValidationException,
 )
+from agent.runtime.onnx import OnnxProbe
 
 # Version 0: the tables as the first release created them (without a user_version). Kept verbatim:
 # a fresh database is made by the same steps an old one is migrated by, so the two cannot differ.
@@ -276,7 +277,7 @@ class Registry:
         try:
             try:
                 package = build_package(onnx_path, staging / "package", name="model", kind=kind,
-                                        description=description, **build_options)
+                                        description=description, probe=OnnxProbe(), **build_options)
                 validate(package)
             except PackageError as exc:
                 raise ValidationException(f"the model can't be imported: {exc.message}") from None

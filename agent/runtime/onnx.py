@@ -275,6 +275,19 @@ def check_loadable(model_file: Path) -> None:
     open_session(ort, model_file, so, ["CPUExecutionProvider"])
 
 
+class OnnxProbe:
+    """core.package.ModelProbe with ONNX Runtime on the CPU: what `model build` and packaging jobs check a
+    model with before they write a package."""
+
+    def check(self, model_file: Path) -> None:
+        check_loadable(model_file)
+
+    def run(self, model_file: Path, feeds: Mapping[str, np.ndarray], outputs: Sequence[str]) -> list[np.ndarray]:
+        ort = import_onnxruntime()
+        session = ort.InferenceSession(str(model_file), providers=["CPUExecutionProvider"])
+        return [np.asarray(v) for v in session.run(list(outputs), dict(feeds))]
+
+
 def probe_gpu_providers(available: Sequence[str], capi_dir: Path) -> dict[str, str]:
     """GPU provider → the loader's reason it cannot be used, for each listed provider whose library (or the
     CUDA driver) fails to load. A provider library that is not where this build keeps it is left to ONNX

@@ -22,7 +22,7 @@ from onnx import TensorProto, helper
 
 from agent.core.package import build_package
 from agent.errors import ModelLoadError, PackageError
-from agent.runtime.onnx import check_loadable
+from agent.runtime.onnx import OnnxProbe, check_loadable
 from agent.tools.modelgen import build_anomalib_v2
 
 
@@ -101,7 +101,7 @@ def test_model_that_needs_the_newer_ir_fails_saying_why(tmp_path, models_dir, ag
     assert "Re-export the model without those" in message
 
     with pytest.raises(PackageError, match="4-bit"):
-        build_package(src, tmp_path / "pkg", name="widget")
+        build_package(src, tmp_path / "pkg", name="widget", probe=OnnxProbe())  # as `model build` does
 
     # A package whose model was replaced by such an export (build it from the IR 9 file, then swap the file in,
     # as a hand-made package would have it): StartModel ends FAILED with the same explanation.

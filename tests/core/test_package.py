@@ -13,6 +13,7 @@ import pytest
 from agent.core.package import build_package, load_package
 from agent.core.pipeline import Predictor
 from agent.errors import PackageError
+from agent.runtime.onnx import OnnxProbe
 
 
 def test_auto_detects_kinds_and_copies_external_data(model_files, short_tmp):
@@ -123,9 +124,10 @@ def test_build_checks_settings_against_the_graph(model_files, short_tmp):
     with pytest.raises(PackageError, match="2 class names for 3 class channels"):
         build_package(model_files["segmentation"], short_tmp / "d", name="d", classes=["bg", "red"])
     with pytest.raises(PackageError, match="DDA has no post-processing"):
-        build_package(model_files["anomalib"], short_tmp / "e", name="e", package_format="dda")
+        build_package(model_files["anomalib"], short_tmp / "e", name="e", package_format="dda", probe=OnnxProbe())
     with pytest.raises(PackageError, match="not per-class probabilities"):  # logits: DDA would sum them as is
-        build_package(model_files["classification_logits"], short_tmp / "f", name="f", package_format="dda")
+        build_package(model_files["classification_logits"], short_tmp / "f", name="f", package_format="dda",
+                      probe=OnnxProbe())
     assert [p.name for p in short_tmp.iterdir()] == []
 
 
@@ -164,7 +166,8 @@ def test_dda_format_round_trip(short_tmp):
     from agent.tools.modelgen.dda import build_dda_segmenter
 
     onnx_file = build_dda_segmenter(short_tmp / "src" / "model.onnx", image_size=(64, 48))
-    package = build_package(onnx_file, short_tmp / "dda", name="dda", package_format="dda", normalize="imagenet",
+    package = build_package(onnx_file, short_tmp / "dda", name="dda", package_format="dda", probe=OnnxProbe(),
+                            normalize="imagenet",
                             classes=["background", "scratch", "dent"], raw_image_size=(128, 96), threshold=0.6,
                             classification_logic="cls_and_seg")
     assert package.format == "dda" and package.model_file == short_tmp / "dda" / "mochi" / "model.onnx"

@@ -209,13 +209,13 @@ def manifest_for(src: Path, sig: Any, *, kind: str, outputs: Mapping[str, str], 
                  classes: Any, colors: Any, image_size: tuple[int, int], normalize: str | None, description: str,
                  arn: str, model_version: str, autostart: bool, providers: list[str], class_normal_ids: Any,
                  image_classes: Any, seg_normal_ids: Any, classification_logic: str | None,
-                 raw_image_size: tuple[int, int] | None, interpolation: str | int) -> tuple[dict[str, Any],
-                                                                                          dict[str, str]]:
+                 raw_image_size: tuple[int, int] | None, interpolation: str | int,
+                 probe: pkg.ModelProbe | None = None) -> tuple[dict[str, Any], dict[str, str]]:
     """(manifest, package path → source path) of a DDA package for an ONNX model: the model at
     ``mochi/<file>``, the keys DDA requires, and ours (name, version, ARN, checksums) that DDA ignores.
 
-    DDA applies no softmax and reads the outputs by position (seg first), so the model is run once here
-    to check that its outputs are probabilities."""
+    DDA applies no softmax and reads the outputs by position (seg first), so the model is run once with
+    `probe` to check that its outputs are probabilities (not checked without a probe)."""
     if kind not in ("classification", "segmentation"):
         raise PackageError(f"DDA has no post-processing for {kind!r} models; write it with --format edge-agent")
     if not isinstance(interpolation, int):
@@ -227,7 +227,8 @@ def manifest_for(src: Path, sig: Any, *, kind: str, outputs: Mapping[str, str], 
     if seg_out is not None and cls_out is not None and order.index(seg_out) > order.index(cls_out):
         raise PackageError(f"DDA reads the segmentation output first, then the classification output; this model "
                            f"has them in the order {order}")
-    _check_probabilities(src, sig, image_size, normalize == "imagenet", seg_out, cls_out)
+    if probe is not None:
+        _check_probabilities(probe, src, sig, image_size, normalize == "imagenet", seg_out, cls_out)
     normal = [int(i) for i in (class_normal_ids if class_normal_ids is not None else [0])]
     stage: dict[str, Any] = {
         "type": "mochi",
@@ -275,10 +276,9 @@ def manifest_for(src: Path, sig: Any, *, kind: str, outputs: Mapping[str, str], 
     return doc, files
 
 
-def _check_probabilities(src: Path, sig: Any, image_size: tuple[int, int], imagenet: bool, seg_out: str | None,
-                         cls_out: str | None) -> None:
+def _check_probabilities(probe: pkg.ModelProbe, src: Path, sig: Any, image_size: tuple[int, int], imagenet: bool,
+                         seg_out: str | None, cls_out: str | None) -> None:
     import numpy as np
-    import onnxruntime as ort
 
     w, h = image_size
     rng = np.random.default_rng(0)
@@ -286,13 +286,12 @@ def _check_probabilities(src: Path, sig: Any, image_size: tuple[int, int], image
     if imagenet:
         x = (x - np.array([0.485, 0.456, 0.406], np.float32).reshape(1, 3, 1, 1)) / \
             np.array([0.229, 0.224, 0.225], np.float32).reshape(1, 3, 1, 1)
+    wanted = [n for n in (seg_out, cls_out) if n is not None]
     try:
-        session = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"])
-        wanted = [n for n in (seg_out, cls_out) if n is not None]
-        results = session.run(wanted, {sig.inputs[0][0]: x})
-        values = {n: results[i] for i, n in enumerate(wanted)}
-    except Exception as exc:  # onnxruntime's own exception types
+        results = probe.run(src, {sig.inputs[0][0]: x}, wanted)
+    except Exception as exc:  # the runtime's own exception types
         raise PackageError(f"{src.name} could not be run to check its outputs: {str(exc).splitlines()[0]}") from exc
+    values = {n: results[i] for i, n in enumerate(wanted)}
     for out, axis in ((cls_out, 1), (seg_out, 1)):
         if out is None:
             continue
