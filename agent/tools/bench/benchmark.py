@@ -161,13 +161,15 @@ def _child_env(tree: Path) -> dict[str, str]:
     return env
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
+    """SIGTERM a server of the benchmark (the agent, the grpcio reference, a peer); SIGKILL after `timeout`."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 @contextmanager
@@ -190,7 +192,7 @@ def agent_process(work: Path, models_dir: Path, extra: list[str], *, tree: Path 
     try:
         yield proc, socket_uri
     finally:
-        _stop(proc)
+        stop_process(proc)
 
 
 @contextmanager
@@ -207,7 +209,7 @@ def transport_process(work: Path) -> Iterator[str]:
             raise RuntimeError(f"transport server exited: {(work / 'transport.log').read_text()[-2000:]}")
         yield socket_uri
     finally:
-        _stop(proc)
+        stop_process(proc)
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float, what: str, poll: float = 0.005) -> None:

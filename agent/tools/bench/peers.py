@@ -39,6 +39,8 @@ from typing import Any
 
 import numpy as np
 
+from agent.tools.bench.benchmark import stop_process
+
 ROOT = Path(__file__).resolve().parents[3]
 MODELS = ("tiny", "patchcore")
 FRAME = (640, 480)
@@ -336,16 +338,6 @@ def is_loopback(address: str) -> bool:
     return host.startswith("127.") or host in ("::1", "::ffff:127.0.0.1") or host.startswith("::ffff:127.")
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 # -- peer servers ------------------------------------------------------------------------------------
 
 @dataclass
@@ -449,7 +441,7 @@ def peer_server(peer: Peer, cache: Path, work: Path, packages: dict[str, Path], 
                                               + ["onnxruntime-gpu", "uvloop", "grpcio", "numpy"])
         yield running
     finally:
-        _stop(proc)
+        stop_process(proc, timeout=20)
 
 
 # -- the run ------------------------------------------------------------------------------------------
