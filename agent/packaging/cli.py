@@ -304,10 +304,9 @@ def _create_model(args: argparse.Namespace, request: dict[str, Any], _: argparse
 
 
 def _deploy(args: argparse.Namespace) -> int:
-    from agent.packaging.deploy import check_local_deployment
+    from agent.packaging.deploy import check_agent_version, check_local_deployment
     from agent.packaging.output import create_deployment, deployment_request, local_deployment_command
     from agent.packaging.registry import default_home
-    from agent.packaging.versions import parse_version
 
     components: dict[str, str] = {}
     for item in args.component:
@@ -317,11 +316,7 @@ def _deploy(args: argparse.Namespace) -> int:
         components[name] = version
     agent_version = None if args.no_agent else args.agent_version
     if agent_version is not None:
-        try:
-            parse_version(agent_version)
-        except ValueError:
-            raise ValidationException(f"--agent-version {agent_version!r} is not a version (major.minor.patch)") \
-                from None
+        check_agent_version(agent_version)
     if args.local:
         home = Path(args.home) if args.home else default_home(dict(os.environ))
         for note in check_local_deployment(home, components, agent_version,

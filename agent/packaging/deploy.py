@@ -79,16 +79,21 @@ def agent_requirement(recipe: Mapping[str, Any], agent_component: str = AGENT_CO
     return None
 
 
+def check_agent_version(agent_version: str) -> None:
+    """ValidationException unless the agent version is major.minor.patch."""
+    try:
+        parse_version(agent_version)
+    except ValueError:
+        raise ValidationException(f"--agent-version {agent_version!r} is not a version (major.minor.patch)") \
+            from None
+
+
 def check_local_deployment(home: Path, components: Mapping[str, str], agent_version: str | None,
                            agent_build: Path | None = None, agent_component: str = AGENT_COMPONENT) -> list[str]:
     """Refuse what greengrass-cli would fail on; returns notes for stderr (e.g. the agent imported)."""
     notes: list[str] = []
     if agent_version is not None:
-        try:
-            parse_version(agent_version)
-        except ValueError:
-            raise ValidationException(f"--agent-version {agent_version!r} is not a version (major.minor.patch)") \
-                from None
+        check_agent_version(agent_version)
     for name, version in sorted(components.items()):
         path = find_recipe(home, name, version)
         if path is None:
