@@ -10,15 +10,15 @@ from __future__ import annotations
 import re
 import shutil
 import tempfile
-import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import numpy as np
+from packaging_helpers import wait_until  # noqa: F401 - the serving tests import it from here
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -75,14 +75,6 @@ def scrape(url: str, timeout: float = 5.0) -> dict[str, list[tuple[dict[str, str
         for s in family.samples:
             samples.setdefault(s.name, []).append((dict(s.labels), s.value))
     return samples
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
 
 
 def make_models_dir(root: Path, names: tuple[str, ...] = (MODEL,), version: str = "1") -> Path:

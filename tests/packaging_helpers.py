@@ -30,14 +30,18 @@ def greengrass(**overrides: Any) -> dict[str, Any]:
     return {"Greengrass": copy.deepcopy(gg)}
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05,
+               log: Path | None = None) -> Any:
+    """The predicate's first true value, polled every `interval` s; AssertionError after `timeout` s naming
+    `what` (with the end of `log`, a process's log file, when given). The tests' one poll-until helper."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+            tail = log.read_text(errors="replace")[-4000:] if log is not None and log.exists() else ""
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}" + (f"\n{tail}" if tail else ""))
         time.sleep(interval)
 
 

@@ -37,6 +37,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from packaging_helpers import wait_until
 
 from agent import __version__
 from agent.client import detect
@@ -160,18 +161,6 @@ def device_python() -> str:
     return done.stdout.strip()
 
 
-def wait_for(predicate, timeout: float, what: str, log: Path | None = None):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            tail = log.read_text(errors="replace")[-4000:] if log is not None and log.exists() else ""
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}\n{tail}")
-        time.sleep(0.1)
-
-
 def test_agent_and_model_component_on_nucleus_lite(tmp_path: Path) -> None:
     reason = why_not()
     if reason:
@@ -250,7 +239,7 @@ def _exercise(prefix: Path, steps: Steps, tmp: Path) -> None:
             except grpc.RpcError:
                 return False
 
-        wait_for(serving, 60, "the agent serving on its configured socket", agent_log)
+        wait_until(serving, 60, "the agent serving on its configured socket", log=agent_log)
         steps.mark("agent up", started)
         _drive(prefix, steps, tmp, stub, agent, agent_log)
     finally:
@@ -285,11 +274,11 @@ def _drive(prefix: Path, steps: Steps, tmp: Path, stub: pb_grpc.EdgeAgentStub, a
     # keeps its last good configuration and says so; a valid change is applied without a restart.
     assert "Greengrass IPC: no configuration validation" in log()  # lite answers ServiceError: polling instead
     ipc("update", json.dumps({"MaxConcurrentInferences": 0}))
-    wait_for(lambda: "ignoring invalid configuration from the nucleus" in log(), 15, "the invalid value ignored",
-             agent_log)
+    wait_until(lambda: "ignoring invalid configuration from the nucleus" in log(), 15, "the invalid value ignored",
+               log=agent_log)
     started = time.monotonic()
     ipc("update", json.dumps({"MaxConcurrentInferences": 2, "MaxQueuedRequests": 7}))
-    wait_for(lambda: "MaxQueuedRequests=7" in log(), 15, "MaxQueuedRequests=7 applied live", agent_log)
+    wait_until(lambda: "MaxQueuedRequests=7" in log(), 15, "MaxQueuedRequests=7 applied live", log=agent_log)
     steps.mark("live configuration change", started)
 
     # A model component made by the project's own packaging job (local mode), deployed and installed offline.
@@ -316,7 +305,7 @@ def _drive(prefix: Path, steps: Steps, tmp: Path, stub: pb_grpc.EdgeAgentStub, a
     def listed() -> bool:
         return any(m.model_component == MODEL for m in stub.ListModels(pb.ListModelsRequest(), timeout=5).models)
 
-    wait_for(listed, 30, f"{MODEL} discovered", agent_log)
+    wait_until(listed, 30, f"{MODEL} discovered", log=agent_log)
     stub.StartModel(pb.StartModelRequest(model_component=MODEL), timeout=30)
 
     def running() -> bool:
@@ -324,7 +313,7 @@ def _drive(prefix: Path, steps: Steps, tmp: Path, stub: pb_grpc.EdgeAgentStub, a
         assert d.status != pb.FAILED, d.status_message
         return d.status == pb.RUNNING
 
-    wait_for(running, 60, f"{MODEL} RUNNING", agent_log)
+    wait_until(running, 60, f"{MODEL} RUNNING", log=agent_log)
     grey = np.full((64, 64, 3), 128, np.uint8)
     result, _ = detect(stub, MODEL, grey, use_shm=False)
     assert not result.is_anomalous
@@ -338,9 +327,10 @@ def _drive(prefix: Path, steps: Steps, tmp: Path, stub: pb_grpc.EdgeAgentStub, a
     started = time.monotonic()
     steps.run("restart ggipcd", [str(KIT / "stop-nucleus.sh"), str(prefix), "ggipcd"], timeout=60)
     steps.run("restart ggipcd", [str(KIT / "start-nucleus.sh"), str(prefix)], timeout=60)
-    wait_for(lambda: "connected as component" in log(), 30, "the agent reconnected by component name", agent_log)
+    wait_until(lambda: "connected as component" in log(), 30, "the agent reconnected by component name", log=agent_log)
     ipc("update", json.dumps({"MaxQueuedRequests": 9}))
-    wait_for(lambda: "MaxQueuedRequests=9" in log(), 15, "MaxQueuedRequests=9 after the ggipcd restart", agent_log)
+    wait_until(lambda: "MaxQueuedRequests=9" in log(), 15, "MaxQueuedRequests=9 after the ggipcd restart",
+               log=agent_log)
     steps.mark("recovery after the ggipcd restart", started)
     assert agent.poll() is None, "the agent restarted (it should have recovered in place)"
     result, _ = detect(stub, MODEL, grey, use_shm=False)  # served throughout
