@@ -169,18 +169,24 @@ def opencv_matches(src: int, dst: int, resampler: str = "pillow") -> bool:
     return bool(np.array_equal(mapped.reshape(-1), nearest_index(src, dst, resampler)))
 
 
+def _opencv_nearest(rgb: np.ndarray, width: int, height: int, resampler: str,
+                    dst: np.ndarray | None = None) -> np.ndarray:
+    """A coloured mask resized by OpenCV with the resampler's nearest flag (where opencv_matches() said so),
+    into `dst` when given."""
+    import cv2
+
+    return np.asarray(cv2.resize(rgb, (width, height), dst=dst, interpolation=getattr(cv2, _OPENCV_NEAREST[resampler])))
+
+
 def widen(class_mask: np.ndarray, width: int, colors_rgb: np.ndarray, resampler: str) -> np.ndarray:
     """The coloured rows of class_mask at model height and `width` columns: h x width x 3 uint8."""
     h, w = class_mask.shape
     if w == width:
         return np.take(colors_rgb, class_mask, axis=0)
     if opencv_matches(w, width, resampler):
-        import cv2
-
         # Colour the small mask, then let OpenCV's SIMD nearest resize widen 3-byte pixels: ~0.6x the
         # time of widening the class ids and colouring the wide mask with two numpy gathers.
-        return np.asarray(cv2.resize(np.take(colors_rgb, class_mask, axis=0), (width, h),
-                                     interpolation=getattr(cv2, _OPENCV_NEAREST[resampler])))
+        return _opencv_nearest(np.take(colors_rgb, class_mask, axis=0), width, h, resampler)
     return np.take(colors_rgb, np.take(class_mask, nearest_index(w, width, resampler), axis=1), axis=0)
 
 
@@ -197,11 +203,8 @@ def render(class_mask: np.ndarray, width: int, height: int, colors_rgb: np.ndarr
     else:
         full = np.empty((height, width, 3), dtype=np.uint8)
     if height != h and opencv_matches(w, width, resampler) and opencv_matches(h, height, resampler):
-        import cv2
-
         # One SIMD pass from the coloured small mask straight into the target buffer.
-        cv2.resize(np.take(colors_rgb, class_mask, axis=0), (width, height), dst=full,
-                   interpolation=getattr(cv2, _OPENCV_NEAREST[resampler]))
+        _opencv_nearest(np.take(colors_rgb, class_mask, axis=0), width, height, resampler, full)
     else:
         wide = widen(class_mask, width, colors_rgb, resampler)
         if height == h:

@@ -110,6 +110,16 @@ class ResizeWorkers:
             self._idle -= got
             return got
 
+    def reserve_bands(self, wanted: int) -> int:
+        """How many bands a frame is cut into, at most `wanted` (a power of two): 1 plus the idle pool threads
+        reserved here for the other bands (a power of two too, so band boundaries stay dyadic)."""
+        if wanted < 2:
+            return 1
+        helpers = self.reserve(wanted - 1)
+        bands = 1 << ((helpers + 1).bit_length() - 1)
+        self.release(helpers + 1 - bands)
+        return bands
+
     def release(self, count: int) -> None:
         with self._lock:
             self._idle += count
@@ -216,15 +226,12 @@ def pillow_bilinear(image: Frame, size: tuple[int, int], fast_reduce: bool = Tru
     height, width = image.shape[:2]
     fx, fy = reduce_factors(width, height, size)
     opencv = fast_reduce and fx * fy >= FAST_REDUCE_MIN_PIXELS
-    bands = _band_count(workers.threads if workers else 1, size[1], width * height)
-    if bands > 1 and workers is not None:
-        helpers = workers.reserve(bands - 1)
-        bands = 1 << ((helpers + 1).bit_length() - 1)  # a power of two: dyadic band boundaries
-        workers.release(helpers + 1 - bands)
-    if bands > 1 and workers is not None:
-        cuts = [size[1] * k // bands for k in range(bands + 1)]
-        jobs = [_band_job(image, size, fx, fy, opencv, cuts[k], cuts[k + 1]) for k in range(bands)]
-        return np.concatenate(workers.run(jobs))
+    if workers is not None:
+        bands = workers.reserve_bands(_band_count(workers.threads, size[1], width * height))
+        if bands > 1:
+            cuts = [size[1] * k // bands for k in range(bands + 1)]
+            jobs = [_band_job(image, size, fx, fy, opencv, cuts[k], cuts[k + 1]) for k in range(bands)]
+            return np.concatenate(workers.run(jobs))
     image = whole(image)
     if opencv:
         reduced = reduce_frame(image, fx, fy)
